@@ -1,0 +1,113 @@
+"""Region neck and per-level predictors, with per-group BatchNorm statistics.
+
+The reference applies its neck (`DetConvGpNonLinearHead`) once per FPN level,
+so every BatchNorm in the neck normalises each level's regions with that
+level's own batch statistics (MCL_SPEC.md section 3). Here the neck runs once
+over the regions of all levels (one batched conv per layer) and
+`GroupedBatchNorm` keeps the per-level statistics: rows are split into
+statically sized groups, each normalised with its own mean and variance.
+"""
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from mcl_jax.resnet import BN_EPS, BN_MOMENTUM, conv_init
+
+# Reference neck Linear layers: kaiming_init(mode='fan_in', relu), bias 0.
+neck_dense_init = nn.initializers.variance_scaling(2.0, 'fan_in', 'normal')
+# Reference predictor Linear layers: normal_init(std=0.01), bias 0.
+predictor_dense_init = nn.initializers.normal(0.01)
+
+
+class GroupedBatchNorm(nn.Module):
+  """BatchNorm whose batch statistics are computed per group of rows.
+
+  Scale and bias are shared (one module, as in the reference, which calls
+  the same layer per level). The running averages are updated once per
+  group, in group order, exactly as the reference's successive calls update
+  its buffers. Parameter and statistic names match `nn.BatchNorm`.
+  """
+  use_scale: bool = True
+  use_bias: bool = True
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, group_sizes: Sequence[int], train: bool = True):
+    """Normalises x [R, ..., C]; sum(group_sizes) == R."""
+    c = x.shape[-1]
+    ra_mean = self.variable('batch_stats', 'mean', lambda: jnp.zeros((c,), jnp.float32))
+    ra_var = self.variable('batch_stats', 'var', lambda: jnp.ones((c,), jnp.float32))
+    if sum(group_sizes) != x.shape[0]:
+      raise ValueError(f'group sizes {tuple(group_sizes)} do not cover {x.shape[0]} rows')
+    axes = tuple(range(x.ndim - 1))
+    if train:
+      parts, start = [], 0
+      new_mean, new_var = ra_mean.value, ra_var.value
+      for size in group_sizes:
+        xg = x[start:start + size].astype(jnp.float32)
+        start += size
+        mean = xg.mean(axes)
+        var = jnp.square(xg - mean).mean(axes)
+        parts.append((xg - mean) * jnp.reciprocal(jnp.sqrt(var + BN_EPS)))
+        new_mean = BN_MOMENTUM * new_mean + (1 - BN_MOMENTUM) * mean
+        new_var = BN_MOMENTUM * new_var + (1 - BN_MOMENTUM) * var
+      if not self.is_initializing():
+        ra_mean.value, ra_var.value = new_mean, new_var
+      y = jnp.concatenate(parts, axis=0)
+    else:
+      y = (x.astype(jnp.float32) - ra_mean.value) / jnp.sqrt(ra_var.value + BN_EPS)
+    if self.use_scale:
+      y = y * self.param('scale', nn.initializers.ones, (c,), jnp.float32)
+    if self.use_bias:
+      y = y + self.param('bias', nn.initializers.zeros, (c,), jnp.float32)
+    return y.astype(self.dtype)
+
+
+class RegionNeck(nn.Module):
+  """The reference `DetConvGpNonLinearHead`: convs on each region, pool, MLP.
+
+  Each region is its own image of region_size x region_size, so the 3x3
+  convs zero-pad at the region border, as in the reference.
+  """
+  channels: int = 256
+  num_convs: int = 4
+  hidden: int = 2048
+  out_dim: int = 256
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, regions, group_sizes: Sequence[int], train: bool = True):
+    """Maps regions [R, k, k, C] to embeddings [R, out_dim] (float32)."""
+    x = regions
+    for k in range(1, self.num_convs + 1):
+      x = nn.Conv(self.channels, (3, 3), padding=((1, 1), (1, 1)), use_bias=False,
+                  dtype=self.dtype, param_dtype=jnp.float32, kernel_init=conv_init,
+                  name=f'conv{k}')(x)
+      x = nn.relu(GroupedBatchNorm(dtype=self.dtype, name=f'bn{k}')(x, group_sizes, train))
+    x = x.astype(jnp.float32).mean(axis=(1, 2)).astype(self.dtype)
+    x = nn.Dense(self.hidden, dtype=self.dtype, param_dtype=jnp.float32,
+                 kernel_init=neck_dense_init, name='fc1')(x)
+    x = nn.relu(GroupedBatchNorm(dtype=self.dtype, name='fc1_bn')(x, group_sizes, train))
+    x = nn.Dense(self.out_dim, dtype=self.dtype, param_dtype=jnp.float32,
+                 kernel_init=neck_dense_init, name='fc2')(x)
+    x = GroupedBatchNorm(use_scale=False, use_bias=False, dtype=jnp.float32,
+                         name='fc2_bn')(x, group_sizes, train)
+    return x
+
+
+class Predictor(nn.Module):
+  """Linear -> BN -> ReLU -> Linear (the reference `NonLinearNeckV2`)."""
+  hidden: int = 2048
+  out_dim: int = 256
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, group_sizes: Sequence[int], train: bool = True):
+    x = nn.Dense(self.hidden, dtype=self.dtype, param_dtype=jnp.float32,
+                 kernel_init=predictor_dense_init, name='fc1')(x)
+    x = nn.relu(GroupedBatchNorm(dtype=self.dtype, name='fc1_bn')(x, group_sizes, train))
+    x = nn.Dense(self.out_dim, dtype=self.dtype, param_dtype=jnp.float32,
+                 kernel_init=predictor_dense_init, name='fc2')(x)
+    return x.astype(jnp.float32)

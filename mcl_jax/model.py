@@ -1,0 +1,297 @@
+"""The MCL network (ResNet + FPN + region neck + predictors) and its loss entry point.
+
+Data flow of one view (MCL_SPEC.md sections 2-4):
+  crops --montage--> canvases --ResNet/FPN--> P2..P5 --cut--> regions
+  --neck (once over all levels, per-level BN)--> tile embeddings
+  --predictor_i--> online predictions (the target keeps level 0 only).
+"""
+
+import dataclasses
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mcl_jax import losses, montage, roi_align
+from mcl_jax.fpn import FPN
+from mcl_jax.heads import Predictor, RegionNeck
+from mcl_jax.montage import Layout
+from mcl_jax.resnet import ResNet
+
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class RegionPlan:
+  """Which regions go through the neck, and where each level's tiles land.
+
+  Attributes:
+    fpn_levels: FPN levels (2..5) cut, ascending: the neck's BN groups, in
+      the order the reference updates its running statistics.
+    mode: 'all' (every canvas at every used FPN level, the reference) or
+      'used' (only the tiles the loss reads).
+  """
+  fpn_levels: tuple[int, ...]
+  mode: str
+
+
+def _grid_regions(fmap, grid: int):
+  """[N, g*k, g*k, C] -> [N*g*g, k, k, C], canvas then row-major tiles."""
+  n, h, w, c = fmap.shape
+  k = h // grid
+  x = fmap.reshape(n, grid, k, grid, k, c).transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(n * grid * grid, k, k, c)
+
+
+def _grid_boxes(num_canvases: int, grid: int, image_size: int):
+  """Boxes of every grid cell of every canvas: ([N*g*g, 4], [N*g*g] canvas)."""
+  s = image_size / grid
+  r, c = np.meshgrid(np.arange(grid), np.arange(grid), indexing='ij')
+  cell = np.stack([c * s, r * s, (c + 1) * s, (r + 1) * s], -1).reshape(-1, 4)
+  boxes = np.tile(cell, (num_canvases, 1)).astype(np.float32)
+  idx = np.repeat(np.arange(num_canvases), grid * grid).astype(np.int32)
+  return boxes, idx
+
+
+def cut_regions(feats: dict[str, jax.Array], layout: Layout, levels: Sequence[int],
+                mode: str, path: str, region_size: int):
+  """Cuts the regions the neck will see.
+
+  Args:
+    feats: {'P2'..'P5'} of G groups' canvases, [G * num_canvases, h, w, C].
+    layout: the montage Layout of one group.
+    levels: montage levels whose tile embeddings are wanted.
+    mode: 'all' or 'used' (see RegionPlan).
+    path: 'reshape' (the reference) or 'roi_align' (7x7-style RoIAlign with
+      sampling ratio 1 and aligned boxes; needed for mixed layouts).
+    region_size: k, the region side on its FPN level.
+
+  Returns:
+    regions [R, k, k, C]; group_sizes (rows per FPN level, ascending level);
+    take: per requested montage level, a function mapping the neck output
+    [R, D] to that level's tiles [G * T_i, D] in label order.
+  """
+  nc = layout.num_canvases
+  g = feats['P5'].shape[0] // nc
+  fpn_of = {i: layout.fpn_level(i) for i in levels}
+  fpn_levels = sorted(set(fpn_of.values()))
+  if path not in ('reshape', 'roi_align'):
+    raise ValueError(f"model.region_path={path!r}: must be 'reshape' or 'roi_align'")
+  if mode not in ('all', 'used'):
+    raise ValueError(f"model.neck_regions={mode!r}: must be 'all' or 'used'")
+  if path == 'reshape' and not layout.is_grid:
+    raise ValueError("model.region_path='reshape' needs montage.layout='grid'")
+  if mode == 'all' and not layout.is_grid:
+    raise ValueError("model.neck_regions='all' needs montage.layout='grid'")
+
+  def roi(fmap, boxes, idx, level):
+    return roi_align.roi_align(fmap, jnp.asarray(boxes), jnp.asarray(idx), region_size,
+                               1.0 / 2**level, sampling_ratio=1, aligned=True)
+
+  pieces, sizes, offsets = [], [], {}
+  for lvl in fpn_levels:
+    fmap = feats[f'P{lvl}']
+    grid = 2**(5 - lvl)
+    if mode == 'all':
+      if path == 'reshape':
+        r = _grid_regions(fmap, grid)
+      else:
+        r = roi(fmap, *_grid_boxes(g * nc, grid, layout.image_size), lvl)
+    else:
+      (i,) = [i for i in levels if fpn_of[i] == lvl]
+      if path == 'reshape':
+        start, block = layout.grid_block(i)
+        sub = fmap.reshape(g, nc, *fmap.shape[1:])[:, start:start + block.count]
+        r = _grid_regions(sub.reshape(-1, *fmap.shape[1:]), grid)
+      else:
+        t = layout.tiles(i)
+        boxes = np.tile(layout.boxes(i), (g, 1))
+        idx = (np.arange(g)[:, None] * nc + t[None, :, 0]).reshape(-1)
+        r = roi(fmap, boxes, idx, lvl)
+    offsets[lvl] = sum(sizes)
+    pieces.append(r)
+    sizes.append(r.shape[0])
+
+  def make_take(i):
+    lvl, off = fpn_of[i], offsets[fpn_of[i]]
+    size = sizes[fpn_levels.index(lvl)]
+    if mode == 'used':
+      return lambda emb: emb[off:off + size]
+    start, block = layout.grid_block(i)
+    per_canvas = 4**i
+
+    def take(emb):
+      e = emb[off:off + size].reshape(g, nc, per_canvas, -1)
+      return e[:, start:start + block.count].reshape(g * block.count * per_canvas, -1)
+    return take
+
+  regions = jnp.concatenate(pieces, axis=0) if len(pieces) > 1 else pieces[0]
+  return regions, tuple(sizes), {i: make_take(i) for i in levels}
+
+
+class MCLNet(nn.Module):
+  """Online / target network. The target uses the same module without heads.
+
+  Attributes:
+    depth, width, stage_sizes, block: the ResNet (see resnet.ResNet).
+    fpn_channels: FPN width (256).
+    neck_convs, neck_hidden, embed_dim: the region neck.
+    predictor_hidden: the per-level predictors' hidden width.
+    num_levels: montage levels (one predictor each).
+    region_path, neck_regions, region_size: see `cut_regions`.
+    num_classes: > 0 adds supervised classifiers (spec section 7).
+    shared_classifier: one classifier for all levels instead of one each.
+    dtype: compute dtype.
+  """
+  depth: int = 50
+  width: int = 64
+  stage_sizes: Sequence[int] | None = None
+  block: str | None = None
+  fpn_channels: int = 256
+  neck_convs: int = 4
+  neck_hidden: int = 2048
+  embed_dim: int = 256
+  predictor_hidden: int = 2048
+  num_levels: int = 4
+  region_path: str = 'reshape'
+  neck_regions: str = 'all'
+  region_size: int | None = None
+  num_classes: int = 0
+  shared_classifier: bool = False
+  dtype: Any = jnp.float32
+
+  def setup(self):
+    self.backbone = ResNet(self.depth, self.width, self.stage_sizes, self.block, self.dtype)
+    self.fpn = FPN(self.fpn_channels, self.dtype)
+    self.neck = RegionNeck(self.fpn_channels, self.neck_convs, self.neck_hidden,
+                           self.embed_dim, self.dtype)
+    self.predictors = [Predictor(self.predictor_hidden, self.embed_dim, self.dtype)
+                       for _ in range(self.num_levels)]
+    if self.num_classes:
+      n = 1 if self.shared_classifier else self.num_levels
+      self.classifiers = [nn.Dense(self.num_classes, param_dtype=jnp.float32)
+                          for _ in range(n)]
+
+  def features(self, x, train: bool = False):
+    """C2..C5 and P2..P5 of images x [N, H, W, 3] (for evaluation and export)."""
+    c = self.backbone(x, train)
+    return {**c, **self.fpn(c, train)}
+
+  def embed(self, canvases, layout: Layout, train: bool = True,
+            levels: Sequence[int] | None = None):
+    """Tile embeddings per montage level (neck outputs, float32)."""
+    levels = tuple(range(layout.num_levels)) if levels is None else tuple(levels)
+    feats = self.fpn(self.backbone(canvases, train), train)
+    k = self.region_size or layout.image_size // 32
+    regions, sizes, take = cut_regions(feats, layout, levels, self.neck_regions,
+                                       self.region_path, k)
+    emb = self.neck(regions, sizes, train)
+    return [take[i](emb) for i in levels]
+
+  def __call__(self, canvases, layout: Layout, train: bool = True):
+    """Online forward: per level, predictor outputs [G * T_i, D] (float32)."""
+    emb = self.embed(canvases, layout, train)
+    return [self.predictors[i](e, (e.shape[0],), train) for i, e in enumerate(emb)]
+
+  def classify(self, canvases, layout: Layout, train: bool = True):
+    """Supervised objective: per level, class logits of each tile (float32)."""
+    emb = self.embed(canvases, layout, train)
+    heads = [self.classifiers[0 if self.shared_classifier else i] for i in range(len(emb))]
+    return [h(e) for h, e in zip(heads, emb)]
+
+
+def create_model(config) -> MCLNet:
+  """Builds MCLNet from `config.model` (and loss / montage / data fields)."""
+  m = config.model
+  supervised = config.get('objective', 'self_supervised') == 'supervised'
+  return MCLNet(
+      depth=m.depth, width=m.width,
+      stage_sizes=tuple(m.stage_sizes) if m.get('stage_sizes') else None,
+      block=m.get('block'), fpn_channels=m.fpn_channels,
+      neck_convs=m.neck_convs, neck_hidden=m.neck_hidden, embed_dim=m.embed_dim,
+      predictor_hidden=m.predictor_hidden, num_levels=len(config.loss.level_weights),
+      region_path=m.region_path, neck_regions=m.neck_regions, region_size=m.region_size,
+      num_classes=config.data.num_classes if supervised else 0,
+      shared_classifier=config.loss.get('classifier', 'per_level') == 'shared',
+      dtype=DTYPES[m.dtype])
+
+
+def init_variables(model: MCLNet, layout: Layout, key, image_size: int):
+  """Initial variables for one montage group (params + batch_stats)."""
+  canvases = jnp.zeros((layout.num_canvases, image_size, image_size, 3), jnp.float32)
+  method = MCLNet.classify if model.num_classes else MCLNet.__call__
+  return model.init(key, canvases, layout, train=True, method=method)
+
+
+def encoder_subtree(tree):
+  """The target's share of a params / batch_stats tree: backbone, FPN, neck."""
+  return {k: tree[k] for k in ('backbone', 'fpn', 'neck')}
+
+
+def view_canvases(crops, view: int, layout: Layout, key, mesh, method: str):
+  """Assembles one view's canvases: level i uses crop i (q) or 4 + i (k)."""
+  half = crops.shape[1] // 2
+  per_level = [crops[:, view * half + i] for i in range(layout.num_levels)]
+  return montage.sharded_assemble(per_level, jax.random.fold_in(key, view), layout,
+                                  mesh, method)
+
+
+def target_embeddings(model: MCLNet, target_vars, canvases, layout: Layout,
+                      whole_crops_only: bool = False):
+  """Target level-0 embeddings [G * B, D] and the target's updated batch_stats.
+
+  With `whole_crops_only` (beyond the reference) the target encodes only the
+  level-0 canvases, which is all the loss reads; its BatchNorm batch
+  statistics then span fewer images than in the reference.
+  """
+  if whole_crops_only:
+    nc, b = layout.num_canvases, layout.group_size
+    g = canvases.shape[0] // nc
+    canvases = canvases.reshape(g, nc, *canvases.shape[1:])[:, :b]
+    canvases = canvases.reshape(g * b, *canvases.shape[2:])
+    layout = dataclasses.replace(layout, blocks=layout.blocks[:1])
+  (emb,), state = model.apply(target_vars, canvases, layout, train=True, levels=(0,),
+                              method=MCLNet.embed, mutable=['batch_stats'])
+  return jax.lax.stop_gradient(emb), state['batch_stats']
+
+
+def mcl_loss_fn(model: MCLNet, params, batch_stats, target_vars, crops, key,
+                layout: Layout, *, tau: float, level_weights: Sequence[float],
+                mesh=None, downsample: str = 'nearest',
+                target_whole_crops_only: bool = False):
+  """The MCL loss of one batch: the library's single entry point.
+
+  Args:
+    model: the MCLNet.
+    params, batch_stats: online variables (gradients flow to `params` only).
+    target_vars: {'params', 'batch_stats'} of the target (no predictors).
+    crops: [B_global, 8, S, S, 3] augmented, normalised crops; crops 0-3 are
+      view q, 4-7 view k; montage level i uses crop i and crop 4 + i.
+    key: PRNG key of this step (montage permutations).
+    layout: the montage Layout of one group.
+    tau, level_weights: loss settings.
+    mesh: a mesh with a 'data' axis to assemble montages per device, or None.
+    downsample: montage downsampling ('nearest' or 'antialias').
+    target_whole_crops_only: see `target_embeddings`.
+
+  Returns:
+    (loss, (metrics, new online batch_stats, new target batch_stats)).
+  """
+  targets, preds, labels = [], [], []
+  target_bs = target_vars['batch_stats']
+  for view in (0, 1):
+    canvases, lab = view_canvases(crops, view, layout, key, mesh, downsample)
+    t, target_bs = target_embeddings(
+        model, {'params': target_vars['params'], 'batch_stats': target_bs},
+        canvases, layout, target_whole_crops_only)
+    p, state = model.apply({'params': params, 'batch_stats': batch_stats}, canvases,
+                           layout, train=True, mutable=['batch_stats'])
+    batch_stats = state['batch_stats']
+    targets.append(t)
+    preds.append(p)
+    labels.append(lab)
+  loss, metrics = losses.mcl_loss(preds[0], preds[1], labels[0], labels[1],
+                                  targets[0], targets[1], tau, level_weights)
+  return loss, (metrics, batch_stats, target_bs)
