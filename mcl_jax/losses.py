@@ -69,3 +69,27 @@ def mcl_loss(preds_q: Sequence[jax.Array], preds_k: Sequence[jax.Array],
     metrics[f'neg_cos_level{i}'] = (nq + nk) / 2
   metrics['loss'] = total
   return total, metrics
+
+
+def supervised_loss(logits: Sequence[jax.Array], classes: Sequence[jax.Array],
+                    level_weights: Sequence[float], label_smoothing: float = 0.0):
+  """Supervised MCL for one view: per level, w_i x CE(tile logits, source class).
+
+  Args:
+    logits: per level, [T_i, num_classes] class logits of the tiles.
+    classes: per level, [T_i] class of each tile's source image.
+    level_weights: w_i per level.
+    label_smoothing: optax label smoothing of the one-hot targets.
+
+  Returns:
+    (loss, metrics with per-level loss and top-1 accuracy).
+  """
+  total, metrics = 0.0, {}
+  for i, (z, y, w) in enumerate(zip(logits, classes, level_weights)):
+    z = z.astype(jnp.float32)
+    target = optax.smooth_labels(jax.nn.one_hot(y, z.shape[-1]), label_smoothing)
+    loss = optax.softmax_cross_entropy(z, target).mean() * w
+    total = total + loss
+    metrics[f'loss_level{i}'] = loss
+    metrics[f'acc_level{i}'] = (z.argmax(-1) == y).mean()
+  return total, metrics

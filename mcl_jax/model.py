@@ -295,3 +295,36 @@ def mcl_loss_fn(model: MCLNet, params, batch_stats, target_vars, crops, key,
   loss, metrics = losses.mcl_loss(preds[0], preds[1], labels[0], labels[1],
                                   targets[0], targets[1], tau, level_weights)
   return loss, (metrics, batch_stats, target_bs)
+
+
+def supervised_loss_fn(model: MCLNet, params, batch_stats, crops, classes, key,
+                       layout: Layout, *, level_weights: Sequence[float],
+                       label_smoothing: float = 0.0, mesh=None,
+                       downsample: str = 'nearest'):
+  """Supervised MCL (spec section 7): tiles classified into their source's class.
+
+  Same montages, backbone, FPN and neck as `mcl_loss_fn`; a classifier per
+  level (or one shared) replaces predictors and target network. Summed over
+  levels and both views.
+
+  Args:
+    classes: [B_global] int class of each image (>= 0).
+    Others as in `mcl_loss_fn`.
+
+  Returns:
+    (loss, (metrics, new online batch_stats, {})).
+  """
+  total, metrics = 0.0, {}
+  for view in (0, 1):
+    canvases, tiles = view_canvases(crops, view, layout, key, mesh, downsample)
+    logits, state = model.apply({'params': params, 'batch_stats': batch_stats}, canvases,
+                                layout, train=True, method=MCLNet.classify,
+                                mutable=['batch_stats'])
+    batch_stats = state['batch_stats']
+    loss, m = losses.supervised_loss(logits, [classes[t] for t in tiles], level_weights,
+                                     label_smoothing)
+    total = total + loss
+    for k, v in m.items():
+      metrics[k] = metrics.get(k, 0.0) + (v if k.startswith('loss') else v / 2)
+  metrics['loss'] = total
+  return total, (metrics, batch_stats, {})

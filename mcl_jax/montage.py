@@ -16,7 +16,7 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 
 @dataclasses.dataclass(frozen=True)
@@ -227,11 +227,20 @@ def sharded_assemble(crops, key, layout: Layout, mesh, method: str = 'nearest'):
   between devices.
   """
   num_groups = crops[0].shape[0] // layout.group_size
-  group_ids = jnp.arange(num_groups, dtype=jnp.int32)
   if mesh is None:
-    return assemble(crops, key, layout, group_ids, method)
+    return assemble(crops, key, layout, jnp.arange(num_groups, dtype=jnp.int32), method)
+  per_device = num_groups // mesh.shape['data']
+
+  def local(k, *c):
+    # Global ids of this device's groups. Computed here rather than passed
+    # in: an unsharded input fails shard_map's in_specs check on meshes
+    # with Explicit axes (the default of jax.make_mesh).
+    ids = jax.lax.axis_index('data') * per_device + jnp.arange(per_device, dtype=jnp.int32)
+    return assemble(c, k, layout, ids, method)
+
+  sharding = NamedSharding(mesh, P('data'))
+  crops = [jax.device_put(c, sharding) for c in crops]
   fn = jax.shard_map(
-      lambda k, ids, *c: assemble(c, k, layout, ids, method), mesh=mesh,
-      in_specs=(P(), P('data')) + (P('data'),) * len(crops),
+      local, mesh=mesh, in_specs=(P(),) + (P('data'),) * len(crops),
       out_specs=(P('data'), [P('data')] * layout.num_levels))
-  return fn(key, group_ids, *crops)
+  return fn(key, *crops)
