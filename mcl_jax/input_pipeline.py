@@ -26,7 +26,10 @@ and the union of a step's local batches does not depend on process_count.
 consumed indices of that epoch before anything is read or decoded. TFDS
 record files are read as a stream instead: each process reads its own even
 split, shuffled per epoch with seeds derived from (seed, epoch, process), and
-skips consumed records (undecoded) when resuming.
+skips consumed records (undecoded) when resuming. A file that passes the
+folder scan but then fails to decode is dropped from the stream (and counted),
+which shifts the later batches of that run; resuming stays exact on data
+without such files.
 
 TensorFlow is imported lazily (and hidden from any GPU) so that importing
 `mcl_jax.augment` or the rest of the project never needs it.
@@ -390,11 +393,14 @@ def _list_images(root: str) -> tuple[list[str], list[int], list[str]]:
 
 def _jpeg_has_eoi(path: str) -> bool:
   # A JPEG cut short lacks its end-of-image marker; TensorFlow would raise
-  # on it mid-stream, PIL reports it as a countable failure.
+  # on it mid-stream, while PIL reports it as a countable failure. The marker
+  # is looked for near the end, not at it, because some cameras append data
+  # after it (harmless to both decoders); inside entropy-coded data 0xFF is
+  # always stuffed, so FFD9 there can only be a marker.
   with open(path, 'rb') as f:
     f.seek(0, os.SEEK_END)
-    f.seek(max(0, f.tell() - 2))
-    return f.read(2) == b'\xff\xd9'
+    f.seek(max(0, f.tell() - 1024))
+    return b'\xff\xd9' in f.read()
 
 
 def _probe(path: str) -> Optional[int]:
@@ -457,6 +463,8 @@ def _folder_split_dir(data_cfg, split: Optional[str]) -> str:
     raise _missing_folder_error(root, f'{root} is not a directory')
   if split and os.path.isdir(os.path.join(root, split)):
     return os.path.join(root, split)
+  if split:
+    logging.info('folder %s has no %r subfolder: using all of it', root, split)
   return root
 
 
@@ -493,8 +501,8 @@ def digits_arrays(heldout_fraction: float):
     (images uint8 [1797, 8, 8] in 0..255, labels int32 [1797],
      {'train': sorted indices, 'heldout': sorted indices}).
   """
-  from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
-  digits = load_digits()
+  from sklearn import datasets  # pylint: disable=g-import-not-at-top
+  digits = datasets.load_digits()
   images = np.rint(digits.images * (255.0 / 16.0)).astype(np.uint8)
   labels = digits.target.astype(np.int32)
   perm = np.random.default_rng(DIGITS_SPLIT_SEED).permutation(len(labels))
@@ -864,7 +872,8 @@ def _tfds_train(data_cfg, lay_fn, seed, include_index):
 
   def epochs():
     # Record files can only be streamed, so each epoch is its own pipeline,
-    # seeded by its epoch number; batches never straddle epochs.
+    # seeded by its epoch number; batches never straddle epochs. The price is
+    # one shuffle-buffer fill at each epoch boundary.
     for epoch in itertools.count(lay.start_epoch):
       skip = lay.start_offset if epoch == lay.start_epoch else 0
       yield _tfds_epoch(builder, data_cfg, lay, seed, epoch, skip, stats,

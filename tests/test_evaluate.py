@@ -48,13 +48,28 @@ def tiny_config():
   return c
 
 
+def random_fill(shapes, seed):
+  """Random backbone + FPN variables drawn in NumPy (compiling the initialiser is slow)."""
+  rng = np.random.default_rng(seed)
+
+  def f(path, s):
+    name = path[-1].key
+    if name == 'kernel':
+      return jnp.asarray(rng.normal(0.0, np.sqrt(2.0 / np.prod(s.shape[:-1])), s.shape), s.dtype)
+    if name in ('scale', 'var'):
+      return jnp.asarray(rng.uniform(0.5, 1.5, s.shape), s.dtype)
+    return jnp.asarray(rng.normal(0.0, 0.1, s.shape), s.dtype)
+  return jax.tree_util.tree_map_with_path(f, shapes)
+
+
 @pytest.fixture(scope='module')
 def tiny():
   config = tiny_config()
   model = model_lib.create_model(config)
   x = jnp.zeros((1, 32, 32, 3), jnp.float32)
-  variables = model.init(jax.random.key(3), x, False, method=MCLNet.features)
-  return config, model, variables
+  shapes = jax.eval_shape(lambda key: model.init(key, x, False, method=MCLNet.features),
+                          jax.random.key(3))
+  return config, model, random_fill(shapes, 3)
 
 
 def synthetic_images(rng, n, size=32):

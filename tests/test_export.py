@@ -42,35 +42,47 @@ def tiny_model(block):
                 predictor_hidden=32, num_levels=1)
 
 
-def randomise(variables, seed):
-  """Non-trivial BN state: scales ~U(.5,1.5), biases/means ~N(0,.2), vars ~U(.5,2)."""
+def random_fill(shapes, seed):
+  """Random variables of a shape tree (from jax.eval_shape of init_variables).
+
+  Kernels ~ N(0, 2 / fan_in); BN scales ~U(.5,1.5), biases / means ~N(0,.2),
+  vars ~U(.5,2), so the exported running statistics are non-trivial. Drawn in
+  NumPy: compiling the real initialiser costs tens of seconds on a busy CPU.
+  """
   rng = np.random.default_rng(seed)
 
-  def f(path, x):
+  def f(path, s):
     name = path[-1].key
-    if name == 'scale':
-      return jnp.asarray(rng.uniform(0.5, 1.5, x.shape), jnp.float32)
-    if name in ('bias', 'mean'):
-      return jnp.asarray(rng.normal(0.0, 0.2, x.shape), jnp.float32)
-    if name == 'var':
-      return jnp.asarray(rng.uniform(0.5, 2.0, x.shape), jnp.float32)
-    return x
-  return jax.tree_util.tree_map_with_path(f, variables)
+    if name == 'kernel':
+      x = rng.normal(0.0, np.sqrt(2.0 / np.prod(s.shape[:-1])), s.shape)
+    elif name == 'scale':
+      x = rng.uniform(0.5, 1.5, s.shape)
+    elif name in ('bias', 'mean'):
+      x = rng.normal(0.0, 0.2, s.shape)
+    elif name == 'var':
+      x = rng.uniform(0.5, 2.0, s.shape)
+    else:
+      raise AssertionError(f'unexpected variable {path}')
+    return jnp.asarray(x, s.dtype)
+  return jax.tree_util.tree_map_with_path(f, shapes)
+
+
+def init_shapes(model, image_size, group_size=2):
+  """Shapes of `model_lib.init_variables` (no compute)."""
+  layout = one_level_layout(image_size, group_size)
+  return jax.eval_shape(lambda k: model_lib.init_variables(model, layout, k, image_size),
+                        jax.random.key(0))
 
 
 @pytest.fixture(scope='module', params=['bottleneck', 'basic'])
 def tiny(request):
   model = tiny_model(request.param)
-  variables = model_lib.init_variables(model, one_level_layout(64), jax.random.key(0), 64)
-  return request.param, model, randomise(variables, 1)
+  return request.param, model, random_fill(init_shapes(model, 64), 1)
 
 
 def abstract_variables(depth):
   """Zero variables of a full-size MCLNet (shapes via jax.eval_shape, no compute)."""
-  model = MCLNet(depth=depth, num_levels=1)
-  shapes = jax.eval_shape(
-      lambda k: model_lib.init_variables(model, one_level_layout(64, 1), k, 64),
-      jax.random.key(0))
+  shapes = init_shapes(MCLNet(depth=depth, num_levels=1), 64, 1)
   return jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
 
 

@@ -180,12 +180,12 @@ def test_mixed_layout(mixed_layout):
   rng = np.random.default_rng(6)
   crops = _crops(rng, 2)
   group_ids = np.array([1, 2], np.int32)
-  for method, tol in (('nearest', 0.0), ('antialias', ANTIALIAS_TOL)):
-    canvases, labels = _assemble([jnp.asarray(c) for c in crops], jax.random.key(3),
-                                 lay, jnp.asarray(group_ids), method)
-    err = check_tiles(lay, crops, canvases, labels, group_ids, method)
-    print(f'montage mixed {method}: max abs err {err:.2e} (tol {tol})')
-    assert err <= tol
+  # (antialias downsampling is shared with the grid layout, tested above)
+  canvases, labels = _assemble([jnp.asarray(c) for c in crops], jax.random.key(3),
+                               lay, jnp.asarray(group_ids), 'nearest')
+  err = check_tiles(lay, crops, canvases, labels, group_ids, 'nearest')
+  print(f'montage mixed nearest: max abs err {err:.2e} (tol 0)')
+  assert err == 0.0
   # Level 2 / 3 tiles of one group are drawn from a permutation: no image
   # appears more than ceil(T / B) times.
   for level in (1, 2, 3):

@@ -1,0 +1,1 @@
+"""Benchmarks: the JAX train-step benchmark and the PyTorch reference step."""

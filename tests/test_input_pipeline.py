@@ -1,0 +1,296 @@
+"""Tests of mcl_jax.input_pipeline: sources, sharding, determinism, errors."""
+
+import io
+import itertools
+
+import jax
+import numpy as np
+from PIL import Image
+import pytest
+import tensorflow_datasets as tfds
+
+from configs.mcl_100ep import get_config
+from mcl_jax import input_pipeline as ip
+
+
+def _data_cfg(**overrides):
+  cfg = get_config().data
+  cfg.image_size = 8
+  cfg.num_crops = 2
+  cfg.shuffle_buffer = 64
+  for k, v in overrides.items():
+    cfg[k] = v
+  return cfg
+
+
+def _take(it, n):
+  return list(itertools.islice(it, n))
+
+
+def _assert_batches_equal(a, b):
+  assert a.keys() == b.keys()
+  for k in a:
+    np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+# ---- digits: sharding and determinism ---------------------------------------
+
+
+def test_digits_shards_are_disjoint_and_cover():
+  cfg = _data_cfg(source='digits')
+  g = 240  # divisible by 1, 2 and 3 processes
+  spe = ip.steps_per_epoch(cfg, g)
+  n = ip.num_train_examples(cfg)
+  assert spe == n // g and n == 1797 - round(0.2 * 1797)
+  _, _, splits = ip.digits_arrays(0.2)
+
+  def batches(p, count, steps, start_step=0):
+    it = ip.create_train_iterator(cfg, global_batch=g, seed=1,
+                                  start_step=start_step, process_index=p,
+                                  process_count=count, include_index=True)
+    assert it.local_batch == g // count and it.steps_per_epoch == spe
+    return _take(it, steps)
+
+  # Three processes over one epoch: disjoint, inside the train split,
+  # covering it but for the final partial batch.
+  per_process = [batches(p, 3, spe) for p in range(3)]
+  seen = np.concatenate([b['index'] for bs in per_process for b in bs])
+  assert len(np.unique(seen)) == len(seen) == spe * g
+  assert np.isin(seen, splits['train']).all()
+  assert n - len(seen) < g
+  # The union of a step's local batches does not depend on process_count:
+  # same examples, same crops, in process order.
+  for step in (0, spe - 1):
+    single = batches(0, 1, 1, start_step=step)[0]
+    two = [batches(p, 2, 1, start_step=step)[0] for p in range(2)]
+    for shards in (two, [bs[step] for bs in per_process]):
+      joined = {k: np.concatenate([b[k] for b in shards]) for k in single}
+      _assert_batches_equal(joined, single)
+  # The next epoch is a different permutation.
+  next_epoch = batches(0, 1, 1, start_step=spe)[0]
+  first = np.concatenate([bs[0]['index'] for bs in per_process])
+  assert not np.array_equal(first, next_epoch['index'])
+
+
+def test_digits_batch_format_and_eval_split():
+  cfg = _data_cfg(source='digits', image_size=16, num_crops=3)
+  batch = next(ip.create_train_iterator(cfg, global_batch=8, seed=0,
+                                        process_index=0, process_count=1))
+  assert set(batch) == {'crops', 'label'}
+  assert batch['crops'].shape == (8, 3, 16, 16, 3)
+  assert batch['crops'].dtype == np.uint8 and batch['label'].dtype == np.int32
+  assert batch['crops'].max() > 100  # real digit strokes, not zeros
+  # Independent crops of the same image differ.
+  assert not np.array_equal(batch['crops'][:, 0], batch['crops'][:, 1])
+  x, y = ip.load_eval_arrays(cfg, 'heldout')
+  xt, yt = ip.load_eval_arrays(cfg, 'train')
+  assert x.shape == (359, 16, 16, 3) and x.dtype == np.uint8
+  assert y.dtype == np.int32 and set(y) == set(range(10))
+  assert len(xt) + len(x) == 1797
+  np.testing.assert_array_equal(x[..., 0], x[..., 2])  # gray -> 3 channels
+  # The split is fixed: it ignores the config seed.
+  _, _, splits = ip.digits_arrays(0.2)
+  assert not set(splits['train']) & set(splits['heldout'])
+
+
+def test_same_step_same_batch_and_start_step_continues():
+  cfg = _data_cfg(source='digits')
+  g = 480  # 1438 // 480 = 2 steps per epoch: batch 2 starts epoch 1.
+  make = lambda **kw: ip.create_train_iterator(
+      cfg, global_batch=g, process_index=0, process_count=1,
+      include_index=True, **kw)
+  stream = _take(make(seed=3), 4)
+  for k in (1, 2, 3):
+    resumed = _take(make(seed=3, start_step=k), min(2, 4 - k))
+    for i, batch in enumerate(resumed):
+      _assert_batches_equal(batch, stream[k + i])
+  assert not np.array_equal(stream[0]['crops'], stream[1]['crops'])
+  other_seed = next(make(seed=4))
+  assert not np.array_equal(other_seed['index'], stream[0]['index'])
+
+
+def test_to_global_batch_single_process():
+  mesh = jax.make_mesh((jax.device_count(),), ('data',))
+  sharding = jax.sharding.NamedSharding(
+      mesh, jax.sharding.PartitionSpec('data'))
+  local = {'crops': np.zeros((16, 2, 4, 4, 3), np.uint8),
+           'label': np.arange(16, dtype=np.int32)}
+  out = ip.to_global_batch(local, sharding)
+  assert out['crops'].shape == (16, 2, 4, 4, 3)
+  assert out['label'].sharding == sharding
+  np.testing.assert_array_equal(np.asarray(out['label']), local['label'])
+
+
+# ---- folder: odd files ------------------------------------------------------
+
+
+def _save(img, path, fmt, **kw):
+  path.parent.mkdir(parents=True, exist_ok=True)
+  img.save(path, fmt, **kw)
+
+
+@pytest.fixture(scope='module')
+def odd_folder(tmp_path_factory):
+  """Folder with one file of each awkward kind; values are solid colours."""
+  root = tmp_path_factory.mktemp('odd')
+  solid = lambda rgb: Image.new('RGB', (40, 30), rgb)
+  expected = {}
+  _save(solid((200, 50, 100)), root / 'a' / 'rgb.jpg', 'JPEG', quality=95)
+  expected['a/rgb.jpg'] = (200, 50, 100)
+  _save(solid((10, 200, 30)), root / 'a' / 'rgb.png', 'PNG')
+  expected['a/rgb.png'] = (10, 200, 30)
+  _save(solid((60, 120, 180)).convert('CMYK'), root / 'a' / 'cmyk.jpg',
+        'JPEG', quality=95)
+  expected['a/cmyk.jpg'] = (60, 120, 180)
+  _save(Image.new('RGBA', (30, 40), (10, 20, 30, 50)), root / 'b' / 'rgba.png',
+        'PNG')
+  expected['b/rgba.png'] = (10, 20, 30)
+  gray16 = Image.fromarray(np.full((30, 40), 40000, np.uint16))
+  _save(gray16, root / 'b' / 'gray16.png', 'PNG')
+  expected['b/gray16.png'] = (156, 156, 156)  # 40000 / 65535 * 255
+  _save(Image.new('L', (40, 30), 77), root / 'b' / 'gray.jpg', 'JPEG',
+        quality=95)
+  expected['b/gray.jpg'] = (77, 77, 77)
+  # Not an image at all: PIL cannot identify it, dropped at listing.
+  (root / 'bad.jpg').write_bytes(b'\xff\xd8\xff' + bytes(range(256)) * 8)
+  # Valid header, truncated data: only decoding finds out.
+  png = io.BytesIO()
+  Image.fromarray(np.random.default_rng(0).integers(
+      0, 255, (30, 40, 3), dtype=np.uint8)).save(png, 'PNG')
+  (root / 'trunc.png').write_bytes(png.getvalue()[:200])
+  (root / 'notes.txt').write_text('not an image')
+  return root, expected
+
+
+def test_folder_reads_odd_files_and_skips_corrupt(odd_folder):
+  root, expected = odd_folder
+  cfg = _data_cfg(source='folder', folder=str(root), train_split='train')
+  index = ip.scan_folder(cfg, 'train')
+  rel = [str(p)[len(str(root)) + 1:] for p in index.paths]
+  assert rel == ['trunc.png', 'a/cmyk.jpg', 'a/rgb.jpg', 'a/rgb.png',
+                 'b/gray.jpg', 'b/gray16.png', 'b/rgba.png']
+  assert index.class_names == ('a', 'b')
+  np.testing.assert_array_equal(index.labels, [-1, 0, 0, 0, 1, 1, 1])
+  assert [r for r, k in zip(rel, index.kinds) if k == 0] == [
+      'a/rgb.jpg', 'b/gray.jpg']  # the rest goes through PIL
+  assert len(index.skipped) == 1 and index.skipped[0].endswith('bad.jpg')
+
+  it = ip.create_train_iterator(cfg, global_batch=1, seed=0, process_index=0,
+                                process_count=1, include_index=True)
+  seen = {}
+  for batch in _take(it, 12):  # two epochs of six good files
+    seen.setdefault(int(batch['index'][0]), []).append(batch)
+  assert sorted(rel[i] for i in seen) == sorted(expected)
+  for i, batches in seen.items():
+    assert len(batches) == 2
+    for b in batches:
+      assert b['crops'].shape == (1, 2, 8, 8, 3)
+      assert b['label'][0] == index.labels[i]
+      np.testing.assert_allclose(b['crops'].reshape(-1, 3).mean(0),
+                                 expected[rel[i]], atol=6, err_msg=rel[i])
+  assert it.stats.skipped_at_scan == 1
+  assert it.stats.failed_decodes >= 1  # trunc.png, once per epoch
+  assert it.num_skipped >= 2
+
+
+def test_folder_eval_arrays(odd_folder):
+  root, expected = odd_folder
+  cfg = _data_cfg(source='folder', folder=str(root), image_size=16)
+  x, y = ip.load_eval_arrays(cfg, 'validation')  # no such subfolder: root
+  assert x.shape == (6, 16, 16, 3) and x.dtype == np.uint8
+  np.testing.assert_array_equal(y, [0, 0, 0, 1, 1, 1])
+  np.testing.assert_allclose(x[5].reshape(-1, 3).mean(0),
+                             expected['b/rgba.png'], atol=1)
+
+
+@pytest.mark.parametrize('setup', ['missing', 'empty', 'no_images', 'unset'])
+def test_folder_errors_are_clear(tmp_path, setup):
+  folder = str(tmp_path / 'nope')
+  if setup == 'empty':
+    (tmp_path / 'nope').mkdir()
+  elif setup == 'no_images':
+    (tmp_path / 'nope' / 'cls').mkdir(parents=True)
+    (tmp_path / 'nope' / 'cls' / 'readme.txt').write_text('x')
+  elif setup == 'unset':
+    folder = None
+  cfg = _data_cfg(source='folder', folder=folder)
+  with pytest.raises(ip.DatasetNotFoundError, match='data.folder'):
+    ip.create_train_iterator(cfg, global_batch=2, seed=0, process_index=0,
+                             process_count=1)
+
+
+# ---- tfds -------------------------------------------------------------------
+
+
+class McltestTinyImages(tfds.core.GeneratorBasedBuilder):
+  """Twenty 40x30 JPEG images in three classes, built locally."""
+  VERSION = tfds.core.Version('1.0.0')
+
+  def _info(self):
+    return tfds.core.DatasetInfo(
+        builder=self,
+        features=tfds.features.FeaturesDict({
+            'image': tfds.features.Image(shape=(None, None, 3),
+                                         encoding_format='jpeg'),
+            'label': tfds.features.ClassLabel(num_classes=3)}))
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    return {'train': self._generate_examples(20),
+            'validation': self._generate_examples(6)}
+
+  def _generate_examples(self, n):
+    rng = np.random.default_rng(n)
+    for i in range(n):
+      yield i, {'image': rng.integers(0, 256, (40, 30, 3), dtype=np.uint8),
+                'label': i % 3}
+
+
+@pytest.fixture(scope='module')
+def tiny_tfds(tmp_path_factory):
+  data_dir = str(tmp_path_factory.mktemp('tfds'))
+  McltestTinyImages(data_dir=data_dir).download_and_prepare()
+  return data_dir
+
+
+def test_tfds_stream(tiny_tfds):
+  cfg = _data_cfg(source='tfds', tfds_name='mcltest_tiny_images',
+                  tfds_data_dir=tiny_tfds)
+  assert ip.num_train_examples(cfg) == 20
+  make = lambda **kw: ip.create_train_iterator(
+      cfg, global_batch=4, seed=0, process_count=2, **kw)
+  stream = _take(make(process_index=1), 7)  # 5 steps per epoch
+  assert stream[0]['crops'].shape == (2, 2, 8, 8, 3)
+  assert set(np.concatenate([b['label'] for b in stream])) <= {0, 1, 2}
+  for k in (3, 5):
+    for i, batch in enumerate(_take(make(process_index=1, start_step=k), 2)):
+      _assert_batches_equal(batch, stream[k + i])
+  other = _take(make(process_index=0), 5)
+  assert not any(np.array_equal(a['crops'], b['crops'])
+                 for a, b in zip(other, stream))
+  x, y = ip.load_eval_arrays(cfg, 'validation')
+  assert x.shape == (6, 8, 8, 3) and x.dtype == np.uint8
+  assert sorted(y) == [0, 0, 1, 1, 2, 2]
+
+
+def test_tfds_missing_dataset_error(tmp_path):
+  cfg = _data_cfg(source='tfds', tfds_name='imagenet2012',
+                  tfds_data_dir=str(tmp_path / 'tfds'))
+  with pytest.raises(ip.DatasetNotFoundError) as err:
+    ip.create_train_iterator(cfg, global_batch=4, seed=0, process_index=0,
+                             process_count=1)
+  msg = str(err.value)
+  for needle in ('ILSVRC2012_img_train.tar', 'ILSVRC2012_img_val.tar',
+                 str(tmp_path / 'tfds' / 'downloads' / 'manual'),
+                 'tfds build imagenet2012', 'tfds_download_and_prepare'):
+    assert needle in msg
+  # Sizes still come from the config when the files are missing.
+  assert ip.num_train_examples(cfg) == 1_281_167
+  cfg.tfds_name = 'mnist'
+  with pytest.raises(ip.DatasetNotFoundError, match='tfds build mnist'):
+    ip.create_train_iterator(cfg, global_batch=4, seed=0, process_index=0,
+                             process_count=1)
+  cfg.tfds_name = 'no_such_dataset_mcl'
+  with pytest.raises(ip.DatasetNotFoundError, match='unknown TFDS dataset'):
+    ip.create_train_iterator(cfg, global_batch=4, seed=0, process_index=0,
+                             process_count=1)

@@ -1,0 +1,161 @@
+"""The JAX MCL loss against an independent PyTorch implementation (benchmarks/torch_reference.py).
+
+Weights are random variables in the JAX init's shapes (BatchNorm scales,
+biases and running statistics randomised too) copied into PyTorch, with a
+target encoder perturbed away from the online one; both sides see the same augmented crops assembled into the same
+canvases with the same tile labels (`model.view_canvases`), in float32 with
+train-mode BatchNorm. Tolerances: loss and every per-level metric (loss,
+pos_cos, neg_cos) within 1e-4 relative (cosines: relative to max(|value|, 0.01),
+since a mean negative cosine can sit near 0); online gradients within 1e-3 of
+each tensor's largest entry (floored at 1e-4 of the largest gradient).
+
+Two configs: test_tiny (32 px: every region is 1 x 1) and the same network at
+64 px (2 x 2 regions, so the neck's 3x3 convs see a zero-padded border),
+both with neck_regions='all' (the reference) and two montage groups.
+"""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip('torch')
+
+from benchmarks import torch_reference as tr  # noqa: E402
+from configs import test_tiny  # noqa: E402
+from mcl_jax import model as model_lib  # noqa: E402
+from mcl_jax import train  # noqa: E402
+
+REL = 1e-4
+GRAD_REL = 1e-3
+
+
+def _random_variables(net, layout, image_size, rng):
+  """Random variables in the init's shapes, without compiling the init.
+
+  Kernels: Kaiming-like normals (predictor Dense 0.01 as its init); BN
+  scales U(0.7, 1.3), biases and running means 0.1 N(0, 1), running
+  variances U(0.5, 2); Dense biases 0.1 N(0, 1).
+  """
+  shapes = jax.eval_shape(lambda k: model_lib.init_variables(net, layout, k, image_size),
+                          jax.random.key(0))
+
+  def f(path, x):
+    names = [str(getattr(k, 'key', k)) for k in path]
+    name, shape = names[-1], x.shape
+    if name == 'kernel':
+      fan_in = int(np.prod(shape[:-1]))
+      std = 0.01 if names[1].startswith('predictors') and len(shape) == 2 else np.sqrt(2 / fan_in)
+      a = std * rng.standard_normal(shape)
+    elif name == 'scale':
+      a = rng.uniform(0.7, 1.3, shape)
+    elif name == 'var':
+      a = rng.uniform(0.5, 2.0, shape)
+    else:  # bias, mean
+      a = 0.1 * rng.standard_normal(shape)
+    return jnp.asarray(a.astype(np.float32))
+  return jax.tree_util.tree_map_with_path(f, shapes)
+
+
+def _perturb(tree, rng, noise):
+  """The target: the online encoder's variables x (1 + noise N(0, 1))."""
+  return jax.tree.map(
+      lambda x: jnp.asarray(np.asarray(x) * (1 + noise * rng.standard_normal(x.shape))
+                            .astype(np.float32)), tree)
+
+
+def _compare(image_size, seed):
+  config = test_tiny.get_config()
+  config.data.image_size = image_size
+  config.optim.global_batch = 2 * config.montage.group_size  # two montage groups
+  config.model.dtype = 'float32'
+  config.model.neck_regions = 'all'
+  layout = train.layout_for(config)
+  net = model_lib.create_model(config)
+  rng = np.random.default_rng(seed)
+
+  variables = _random_variables(net, layout, image_size, rng)
+  params, batch_stats = variables['params'], variables['batch_stats']
+  target_vars = {'params': _perturb(model_lib.encoder_subtree(params), rng, 0.05),
+                 'batch_stats': _perturb(model_lib.encoder_subtree(batch_stats), rng, 0.05)}
+
+  b, s = config.optim.global_batch, image_size
+  crops = jnp.asarray(rng.standard_normal((b, 8, s, s, 3)).astype(np.float32))
+  key = jax.random.key(seed + 100)
+  kw = dict(tau=config.loss.tau, level_weights=tuple(config.loss.level_weights),
+            downsample=config.montage.downsample)
+
+  def jax_side(params, batch_stats, target_vars, crops, key):
+    """Loss, metrics, gradients, and the canvases + labels the loss used."""
+    out = jax.value_and_grad(
+        lambda p: model_lib.mcl_loss_fn(net, p, batch_stats, target_vars, crops, key,
+                                        layout, **kw), has_aux=True)(params)
+    views = [model_lib.view_canvases(crops, v, layout, key, None, config.montage.downsample)
+             for v in (0, 1)]
+    return out, views
+
+  # One compile per test; LLVM optimisation off halves the compile time on
+  # this (shared, 2-core) CPU and changes no HLO-level numerics.
+  args = (params, batch_stats, target_vars, crops, key)
+  compiled = jax.jit(jax_side).lower(*args).compile(
+      compiler_options={'xla_backend_optimization_level': 0})
+  ((jloss, (jmetrics, _, _)), jgrads), views = compiled(*args)
+  # The same canvases and tile labels, fed to PyTorch.
+  canvases = [torch.from_numpy(np.asarray(c).transpose(0, 3, 1, 2).copy()) for c, _ in views]
+  labels = [[torch.from_numpy(np.asarray(l).astype(np.int64)) for l in lab] for _, lab in views]
+
+  torch.manual_seed(0)
+  model = tr.MCLTorch.from_config(config)
+  tr.load_from_flax(model, params, batch_stats, target_vars['params'],
+                    target_vars['batch_stats'])
+  model.train()
+  tloss, tmetrics = tr.loss_from_canvases(model, canvases, labels,
+                                          tr.GridLayout.from_jax(layout), config.loss.tau,
+                                          config.loss.level_weights, 'all')
+  tloss.backward()
+
+  jm = {k: float(v) for k, v in jax.device_get(jmetrics).items()}
+  tm = {k: float(v) for k, v in tmetrics.items()}
+  assert set(tm) == set(jm)
+  dev = {}
+  for k in sorted(jm):
+    floor = 1e-2 if 'cos' in k else 1e-6
+    dev[k] = abs(tm[k] - jm[k]) / max(abs(jm[k]), floor)
+  jg = tr.flax_grads_to_torch_names(jgrads)
+  # Gradients: max |torch - JAX| relative to the tensor's largest JAX entry,
+  # floored at 1e-4 of the largest gradient anywhere. A Linear bias right
+  # before a BatchNorm (neck fc1 / fc2, predictor fc1) has an exactly-zero
+  # gradient (the BN subtracts it again), as has, on 1 x 1 regions, the FPN
+  # output BN bias ahead of the neck's first conv + BN: both sides give
+  # float noise there, so the Linear ones are skipped and the floor covers
+  # the rest.
+  floor = 1e-4 * max(float(np.max(np.abs(g))) for g in jg.values())
+  gdev = {}
+  for name, p in model.named_parameters():
+    if p.grad is None or re.search(r'(neck\.fc[12]|predictors\.\d\.fc1)\.bias$', name):
+      continue
+    ref = jg[name]
+    gdev[name] = float(np.max(np.abs(p.grad.numpy() - ref)) / max(np.max(np.abs(ref)), floor))
+  assert len(gdev) == len(jg) - 2 - len(config.loss.level_weights)
+  worst = max(gdev, key=gdev.get)
+  print(sorted(gdev.items(), key=lambda kv: -kv[1])[:4])
+  print(f'\n{s} px: JAX loss {float(jloss):.6f}, torch {float(tloss.detach()):.6f}; max rel dev '
+        + ', '.join(f'{m}: {max(v for k, v in dev.items() if k.startswith(m)):.1e}'
+                    for m in ('loss', 'pos_cos', 'neg_cos'))
+        + f'; max grad dev {gdev[worst]:.1e} ({worst})')
+  bad = {k: (jm[k], tm[k], d) for k, d in dev.items() if d > REL}
+  assert not bad, bad
+  assert abs(float(tloss) - float(jloss)) <= REL * abs(float(jloss))
+  assert gdev[worst] <= GRAD_REL, (worst, gdev[worst])
+
+
+def test_torch_reference_matches_jax_tiny_32px():
+  """test_tiny (32 px, 1 x 1 regions), two groups, neck_regions='all'."""
+  _compare(32, seed=0)
+
+
+def test_torch_reference_matches_jax_64px_2x2_regions():
+  """The tiny network at 64 px: 2 x 2 regions, neck_regions='all'."""
+  _compare(64, seed=1)
