@@ -559,7 +559,11 @@ def speed_ratio(name: str, pairs: int, warmup: int, neck_regions: str | None = N
       'jax_compile_s': compile_s, 'jax_flops_per_step': flops,
       'jax_tflops': flops / mj / 1e12, 'torch_tflops_same_flops': flops / mt / 1e12,
       'torch_threads': torch.get_num_threads(),
+      'jax_neck_conv': 'xla' if _XLA_NECK[0] else 'default',
   }
+
+
+_XLA_NECK = [False]
 
 
 def _jax_cores() -> int:
@@ -581,8 +585,15 @@ def main(argv=None):
   p.add_argument('--channels-last', action='store_true', help='torch channels_last')
   p.add_argument('--threads', type=int, default=None,
                  help='torch threads (default: the cores JAX uses)')
+  p.add_argument('--jax-neck-conv', choices=('default', 'xla'), default='default',
+                 help="'xla': JAX neck convs on <= 2x2 regions as XLA convolutions (the "
+                      "code before heads.SmallRegionConv; see train_step.py)")
   p.add_argument('--json', default=None, help='write the results here')
   args = p.parse_args(argv)
+  if args.jax_neck_conv == 'xla':
+    from benchmarks import train_step
+    train_step.use_xla_neck_conv()
+    _XLA_NECK[0] = True
 
   os.environ.setdefault('JAX_PLATFORMS', 'cpu')
   torch.set_num_threads(args.threads or _jax_cores())

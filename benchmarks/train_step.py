@@ -24,8 +24,13 @@ Needs only jax, flax, optax and ml_collections (no TensorFlow: the input
 pipeline is not imported; `optim.num_steps` is set so that nothing counts
 epochs).
 
+With --ab, a baseline and a variant config are both compiled and their steps
+alternated in one process (the way to measure an option's saving on a shared
+machine).
+
 Examples:
   python benchmarks/train_step.py --preset tiny --breakdown
+  python benchmarks/train_step.py --preset r50-small --ab neck_regions=used
   python benchmarks/train_step.py --preset r50-small --steps 3 --json /tmp/r50.json
   python benchmarks/train_step.py --preset r50-224 --batch 64 --dtype bfloat16   # GPU
 """
@@ -88,16 +93,32 @@ def build_config(args):
 
 # ------------------------------------------------------------------ helpers --
 
-def _median_time(fn, reps: int, warmup: int = 1):
-  """Median wall time of fn() (which must block until its result is ready)."""
-  for _ in range(warmup):
-    fn()
-  times = []
-  for _ in range(reps):
-    t = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t)
-  return statistics.median(times), times
+def use_xla_neck_conv():
+  """Benchmark-only: the neck's small-region convs back on XLA's convolution.
+
+  `heads.SmallRegionConv` computes the neck's 3x3 convs on <= 2 x 2 regions
+  as dense matmuls; this swaps in a module with the same parameter that calls
+  `lax.conv_general_dilated` (what `nn.Conv` does, the code before that
+  change), to measure the difference in one process.
+  """
+  import flax.linen as nn
+  import jax
+  import jax.numpy as jnp
+  from mcl_jax import heads
+
+  class XlaRegionConv(nn.Module):
+    features: int
+    dtype: object = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+      kernel = self.param('kernel', heads.conv_init, (3, 3, x.shape[-1], self.features),
+                          jnp.float32)
+      return jax.lax.conv_general_dilated(
+          x.astype(self.dtype), kernel.astype(self.dtype), (1, 1), ((1, 1), (1, 1)),
+          dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+  heads.SmallRegionConv = XlaRegionConv
 
 
 def _flops(compiled) -> float:
@@ -128,16 +149,29 @@ def _memory(compiled, device) -> dict:
   return out
 
 
-def peak_matmul_tflops(dtype, n: int, reps: int = 5) -> dict:
-  """Peak of this device in `dtype`: a large n x n x n matmul, median time."""
+def make_matmul(dtype_name: str, n: int):
+  """A large n x n x n matmul in the model's dtype: fn() -> seconds of one run."""
   import jax
   import jax.numpy as jnp
+  dtype = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}[dtype_name]
   ka, kb = jax.random.split(jax.random.key(0))
   a = jax.random.normal(ka, (n, n), jnp.float32).astype(dtype)
   b = jax.random.normal(kb, (n, n), jnp.float32).astype(dtype)
   f = jax.jit(lambda a, b: a @ b)
-  med, _ = _median_time(lambda: f(a, b).block_until_ready(), reps, warmup=2)
-  return {'matmul_n': n, 'matmul_s': med, 'peak_tflops': 2 * n**3 / med / 1e12}
+  f(a, b).block_until_ready()
+
+  def run():
+    t = time.perf_counter()
+    f(a, b).block_until_ready()
+    return time.perf_counter() - t
+  return run
+
+
+def _peak(res, matmul_times, n, ndev):
+  """Peak TFLOP/s from the median matmul time (measured between the steps) and MFU."""
+  med = statistics.median(matmul_times)
+  res.update(matmul_n=n, matmul_s=med, peak_tflops=2 * n**3 / med / 1e12)
+  res['mfu'] = res['tflops'] / ndev / res['peak_tflops']
 
 
 class CompileCounter(logging.Handler):
@@ -216,7 +250,8 @@ def bench_step(config, args) -> dict:
          'global_batch': config.optim.global_batch, 'group_size': config.montage.group_size,
          'dtype': config.model.dtype, 'neck_regions': config.model.neck_regions,
          'region_path': config.model.region_path,
-         'target_whole_crops_only': bool(config.model.target_whole_crops_only)}
+         'target_whole_crops_only': bool(config.model.target_whole_crops_only),
+         'neck_conv': args.neck_conv}
   print('config:', json.dumps(res), flush=True)
   mesh, state, crops, labels, step = setup(config, ndev)
   with log_compiles() as counter, warnings.catch_warnings(record=True) as caught:
@@ -224,20 +259,28 @@ def bench_step(config, args) -> dict:
     t0 = time.perf_counter()
     lowered = step.lower(state, crops, labels)
     t1 = time.perf_counter()
+    print(f'traced + lowered in {t1 - t0:.1f} s; compiling ...', flush=True)
     compiled = lowered.compile()
     t2 = time.perf_counter()
+    print(f'compiled in {t2 - t1:.1f} s', flush=True)
     res.update(lower_s=t1 - t0, compile_s=t2 - t1)
     res['flops_per_step'] = _flops(compiled)  # per device (the SPMD module)
     res['memory'] = _memory(compiled, device)
     aot_compiles = counter.count('step_fn')
     if not args.compile_only:
-      times = []
+      # Each timed step is followed by one peak matmul (same load conditions).
+      matmul = make_matmul(config.model.dtype, args.matmul_size) if args.matmul_size else None
+      times, mm_times = [], []
       for i in range(args.warmup + args.steps):
         t = time.perf_counter()
         state, metrics = step(state, crops, labels)
         jax.block_until_ready((state, metrics))
+        dt = time.perf_counter() - t
+        print(f'step {i}: {dt:.3f} s' + (' (warm-up)' if i < args.warmup else ''), flush=True)
         if i >= args.warmup:
-          times.append(time.perf_counter() - t)
+          times.append(dt)
+          if matmul:
+            mm_times.append(matmul())
       res['step_times_s'] = times
       res['step_s'] = statistics.median(times)
       res['loss'] = float(metrics['loss'])
@@ -251,19 +294,134 @@ def bench_step(config, args) -> dict:
     res['images_per_s'] = config.optim.global_batch / res['step_s']
     res['tflops'] = res['flops_per_step'] * ndev / res['step_s'] / 1e12
     if args.matmul_size:
-      dt = {'float32': jax.numpy.float32, 'bfloat16': jax.numpy.bfloat16,
-            'float16': jax.numpy.float16}[config.model.dtype]
-      res.update(peak_matmul_tflops(dt, args.matmul_size))
-      res['mfu'] = res['tflops'] / ndev / res['peak_tflops']
+      _peak(res, mm_times, args.matmul_size, ndev)
   if args.breakdown:
-    res['breakdown'] = breakdown(config, mesh, state, crops, res.get('step_s'), args)
+    res['breakdown'] = breakdown(config, mesh, state, crops, labels, step, args)
   return res
+
+
+# ---------------------------------------------------------------------- A/B --
+
+AB_FIELDS = {'neck_regions': str, 'target_whole_crops_only': lambda v: bool(int(v)),
+             'dtype': str, 'region_path': str, 'neck_conv': str}
+
+
+def parse_ab(spec: str) -> dict:
+  """'neck_regions=used,dtype=bfloat16' -> {'neck_regions': 'used', ...}."""
+  out = {}
+  for item in spec.split(','):
+    k, v = item.split('=')
+    if k not in AB_FIELDS:
+      raise SystemExit(f'--ab: {k} is not one of {sorted(AB_FIELDS)}')
+    out[k] = AB_FIELDS[k](v)
+  return out
+
+
+def ab_compare(config, args) -> dict:
+  """Baseline vs variant, both compiled in this process, steps alternated.
+
+  Each round runs one step of each (the order alternates between rounds), so
+  both see the same machine load; reports per-side medians, the ratio of the
+  medians and the median of the per-round ratios (variant / baseline).
+  """
+  import jax
+  from mcl_jax import config_validation
+  from mcl_jax import heads
+  ndev = args.devices or jax.local_device_count()
+  config.optim.global_batch = args.batch_value * ndev
+  overrides = parse_ab(args.ab)
+  variant = config.copy_and_resolve_references()
+  for k, v in overrides.items():
+    if k == 'dtype':
+      variant.model.dtype = v
+    elif k != 'neck_conv':
+      setattr(variant.model, k, v)
+  sides = {}
+  for name, cfg in (('baseline', config), ('variant', variant)):
+    config_validation.validate(cfg, ndev)
+    xla = (args.neck_conv == 'xla') if name == 'baseline' else (
+        overrides.get('neck_conv', args.neck_conv) == 'xla')
+    original = heads.SmallRegionConv
+    if xla:
+      use_xla_neck_conv()
+    try:
+      mesh, state, crops, labels, step = setup(cfg, ndev)
+      t = time.perf_counter()
+      compiled = step.lower(state, crops, labels).compile()
+      compile_s = time.perf_counter() - t
+    finally:
+      heads.SmallRegionConv = original
+    print(f'{name}: compiled in {compile_s:.1f} s', flush=True)
+    sides[name] = {'compiled': compiled, 'state': state, 'crops': crops, 'labels': labels,
+                   'compile_s': compile_s, 'flops': _flops(compiled),
+                   'memory': _memory(compiled, jax.local_devices()[0]), 'times': [],
+                   'options': {'neck_regions': cfg.model.neck_regions,
+                               'target_whole_crops_only': bool(cfg.model.target_whole_crops_only),
+                               'dtype': cfg.model.dtype, 'region_path': cfg.model.region_path,
+                               'neck_conv': 'xla' if xla else 'default'}}
+  for r in range(0 if args.compile_only else args.warmup + args.steps):
+    order = ('baseline', 'variant') if r % 2 == 0 else ('variant', 'baseline')
+    this_round = {}
+    for name in order:
+      sd = sides[name]
+      t = time.perf_counter()
+      sd['state'], m = sd['compiled'](sd['state'], sd['crops'], sd['labels'])
+      jax.block_until_ready((sd['state'], m))
+      dt = time.perf_counter() - t
+      this_round[name] = dt
+      if r >= args.warmup:
+        sd['times'].append(dt)
+    print(f'round {r}' + (' (warm-up)' if r < args.warmup else '') + ': '
+          + ', '.join(f'{n} {this_round[n]:.3f} s' for n in ('baseline', 'variant')),
+          flush=True)
+  res = {'preset': args.preset, 'ab': args.ab, 'backend': jax.default_backend(),
+         'devices': ndev, 'image_size': config.data.image_size,
+         'per_device_batch': args.batch_value, 'group_size': config.montage.group_size,
+         'depth': config.model.depth, 'width': config.model.width}
+  for name, sd in sides.items():
+    res[name] = {'options': sd['options'], 'compile_s': sd['compile_s'],
+                 'flops_per_step': sd['flops'], 'memory': sd['memory'],
+                 'step_times_s': sd['times'],
+                 'step_s': statistics.median(sd['times']) if sd['times'] else None}
+  a, b = res['baseline'], res['variant']
+  if not args.compile_only:
+    res['time_ratio_variant_over_baseline'] = b['step_s'] / a['step_s']
+    res['median_round_ratio'] = statistics.median(
+        [y / x for x, y in zip(a['step_times_s'], b['step_times_s'])])
+    # The fastest step of each side: the least disturbed by other load.
+    res['min_ratio'] = min(b['step_times_s']) / min(a['step_times_s'])
+  res['flops_ratio_variant_over_baseline'] = b['flops_per_step'] / a['flops_per_step']
+  return res
+
+
+def print_ab(res: dict):
+  print(f"A/B on {res['preset']} ({res['image_size']} px, ResNet-{res['depth']} "
+        f"w{res['width']}, batch {res['per_device_batch']}/device, group "
+        f"{res['group_size']}): variant = baseline with {res['ab']}")
+  print(f"{'side':<9} {'options':<96} {'step s':>8} {'GFLOP':>8} {'temp MiB':>9}")
+  for name in ('baseline', 'variant'):
+    r = res[name]
+    opts = ', '.join(f'{k}={v}' for k, v in r['options'].items())
+    temp = r['memory'].get('temp_size_in_bytes')
+    step_s = 'n/a' if r['step_s'] is None else f"{r['step_s']:.3f}"
+    print(f"{name:<9} {opts:<96} {step_s:>8} {r['flops_per_step'] / 1e9:>8.1f} "
+          f"{'n/a' if temp is None else f'{temp / 2**20:.0f}':>9}")
+  timing = ('' if 'time_ratio_variant_over_baseline' not in res else
+            f"time {res['time_ratio_variant_over_baseline']:.3f} (median of per-round ratios "
+            f"{res['median_round_ratio']:.3f}, ratio of the fastest steps "
+            f"{res['min_ratio']:.3f}), ")
+  print(f"variant / baseline: {timing}FLOPs {res['flops_ratio_variant_over_baseline']:.3f}")
 
 
 # ---------------------------------------------------------------- breakdown --
 
-def breakdown(config, mesh, state, crops_u8, step_s, args) -> dict:
-  """Each part of the step jitted on its own; median seconds and % of the step."""
+def breakdown(config, mesh, state, crops_u8, labels, step, args) -> dict:
+  """Each part of the step jitted on its own, timed in rounds with the real step.
+
+  Every round runs the full step once and then each part once, so each
+  part's % of the step compares times taken under the same machine load
+  (medians over --breakdown-reps rounds, after one warm-up round).
+  """
   import jax
   import jax.numpy as jnp
   import optax
@@ -274,29 +432,30 @@ def breakdown(config, mesh, state, crops_u8, step_s, args) -> dict:
   tx = train.create_optimizer(config, num_steps)
   levels = tuple(range(layout.num_levels))
   k = config.model.region_size or layout.image_size // 32
-  reps = args.breakdown_reps
   key = jax.random.key(7)
-  out = {}
+  # The parts read a copy: `state` itself keeps being donated to the step.
+  st = jax.tree.map(jnp.copy, state)
+  parts = {}  # name -> (compiled, args)
+  info = {}
 
-  def timed(name, fn, *a):
-    f = jax.jit(fn)
+  def add(name, fn, *a):
     t = time.perf_counter()
-    c = f.lower(*a).compile()
-    compile_s = time.perf_counter() - t
-    med, _ = _median_time(lambda: jax.block_until_ready(c(*a)), reps)
-    out[name] = {'s': med, 'compile_s': compile_s, 'flops': _flops(c)}
-    print(f'  breakdown {name}: {med * 1e3:.1f} ms (compile {compile_s:.1f} s)', flush=True)
+    c = jax.jit(fn).lower(*a).compile()
+    info[name] = {'compile_s': time.perf_counter() - t, 'flops': _flops(c)}
+    print(f'  compiled part {name} in {info[name]["compile_s"]:.1f} s', flush=True)
+    parts[name] = (c, a)
     return c(*a)
 
   # 1. Augmentation (uint8 crops -> normalised float crops).
-  crops = timed('augmentation',
-                lambda c, k: augment.augment_crops(c, k, config.augment, config.data.num_crops),
-                crops_u8, key)
+  crops = add('augmentation',
+              lambda c, k: augment.augment_crops(c, k, config.augment, config.data.num_crops),
+              crops_u8, key)
 
-  # 2. Montage assembly of both views + region extraction (forward, and the
-  # regions' backward: the cotangent scattered back onto the FPN maps).
+  # 2. Montage assembly of both views + region extraction: the online cut
+  # (all levels) with its backward (the regions' cotangent scattered back onto
+  # the FPN maps) and the target's level-0 cut, on FPN-shaped maps.
   fshape = jax.eval_shape(
-      lambda c: net.apply({'params': state.params, 'batch_stats': state.batch_stats}, c,
+      lambda c: net.apply({'params': st.params, 'batch_stats': st.batch_stats}, c,
                           train=True, method=model_lib.MCLNet.features, mutable=['batch_stats']),
       jax.ShapeDtypeStruct((crops.shape[0] // layout.group_size * layout.num_canvases,
                             layout.image_size, layout.image_size, 3), jnp.float32))[0]
@@ -317,12 +476,12 @@ def breakdown(config, mesh, state, crops_u8, step_s, args) -> dict:
       res.append((canv, lab, regions.sum(), target_regions.sum(),
                   sum(x.sum() for x in dfeats.values())))
     return res
-  views = timed('montage_and_regions', montage_regions, crops, key, feats)
+  views = add('montage_and_regions', montage_regions, crops, key, feats)
   canvases = [v[0] for v in views]
-  labels = [v[1] for v in views]
+  labels_ = [v[1] for v in views]
 
   # 3. Target forward (both views).
-  tvars = {'params': state.target_params, 'batch_stats': state.target_batch_stats}
+  tvars = {'params': st.target_params, 'batch_stats': st.target_batch_stats}
 
   def target_fwd(tvars, canvases):
     bs, ts = tvars['batch_stats'], []
@@ -331,23 +490,23 @@ def breakdown(config, mesh, state, crops_u8, step_s, args) -> dict:
                                           c, layout, config.model.target_whole_crops_only)
       ts.append(t)
     return ts, bs
-  targets, _ = timed('target_forward', target_fwd, tvars, canvases)
+  targets, _ = add('target_forward', target_fwd, tvars, canvases)
 
   # 4. Online forward + backward, with the loss (targets given).
   def online(params, batch_stats, canvases, labels, targets):
     def lf(p):
       bs, preds = batch_stats, []
       for c in canvases:
-        pr, st = net.apply({'params': p, 'batch_stats': bs}, c, layout, train=True,
-                           mutable=['batch_stats'])
-        bs = st['batch_stats']
+        pr, upd = net.apply({'params': p, 'batch_stats': bs}, c, layout, train=True,
+                            mutable=['batch_stats'])
+        bs = upd['batch_stats']
         preds.append(pr)
       loss, _ = losses.mcl_loss(preds[0], preds[1], labels[0], labels[1], targets[0],
                                 targets[1], config.loss.tau, config.loss.level_weights)
       return loss, bs
     return jax.value_and_grad(lf, has_aux=True)(params)
-  (_, _), grads = timed('online_forward_backward', online, state.params, state.batch_stats,
-                        canvases, labels, targets)
+  (_, _), grads = add('online_forward_backward', online, st.params, st.batch_stats,
+                      canvases, labels_, targets)
 
   # 5. Optimizer (clip + LARS) + EMA of the target.
   def opt_ema(params, opt_state, target_params, grads, step):
@@ -356,29 +515,52 @@ def breakdown(config, mesh, state, crops_u8, step_s, args) -> dict:
     m = train.ema_momentum(step, num_steps, config.optim.ema_base_momentum)
     tp = optax.incremental_update(model_lib.encoder_subtree(params), target_params, 1.0 - m)
     return params, opt_state, tp
-  timed('optimizer_ema', opt_ema, state.params, state.opt_state, state.target_params, grads,
-        state.step)
+  add('optimizer_ema', opt_ema, st.params, st.opt_state, st.target_params, grads, st.step)
 
-  # The neck runs once per view over all levels' regions: one convolution
-  # per neck layer, over the total region count, in the online forward.
-  regions_shape = jax.eval_shape(
-      lambda f: model_lib.cut_regions(f, layout, levels, mode, path, k)[0], pshape)
-  r_total = regions_shape.shape[0]
-  hlo = jax.jit(lambda p, bs, c: net.apply({'params': p, 'batch_stats': bs}, c, layout,
-                                           train=True, mutable=['batch_stats'])).lower(
-      state.params, state.batch_stats, canvases[0]).as_text()
-  convs = [l for l in hlo.splitlines() if 'stablehlo.convolution' in l]
-  neck_convs = [l for l in convs if re.search(rf'tensor<{r_total}x{k}x{k}x', l)]
+  # Rounds: the real step, then every part.
+  step_times, times = [], {n: [] for n in parts}
+  for r in range(args.breakdown_reps + 1):
+    t = time.perf_counter()
+    state, metrics = step(state, crops_u8, labels)
+    jax.block_until_ready((state, metrics))
+    if r:
+      step_times.append(time.perf_counter() - t)
+    for n, (c, a) in parts.items():
+      t = time.perf_counter()
+      jax.block_until_ready(c(*a))
+      if r:
+        times[n].append(time.perf_counter() - t)
+    if r:
+      print(f'  round {r}: step {step_times[-1]:.3f} s, '
+            + ', '.join(f'{n} {v[-1]:.3f} s' for n, v in times.items()), flush=True)
+  step_s = statistics.median(step_times)
+  out = {}
+  for n in parts:
+    med = statistics.median(times[n])
+    out[n] = {'s': med, 'times_s': times[n], **info[n], 'pct_of_step': 100 * med / step_s}
   total_parts = sum(v['s'] for v in out.values())
   for v in out.values():
-    v['pct_of_step'] = 100 * v['s'] / step_s if step_s else None
     v['pct_of_parts'] = 100 * v['s'] / total_parts
+
+  # The neck runs once per view over all levels' regions: its 4 convs and 2
+  # Dense layers are the only convolution / dot ops over R rows (R = every
+  # level's regions) in the online forward; a per-level neck would have none.
+  r_total = jax.eval_shape(
+      lambda f: model_lib.cut_regions(f, layout, levels, mode, path, k)[0], pshape).shape[0]
+  hlo = jax.jit(lambda p, bs, c: net.apply({'params': p, 'batch_stats': bs}, c, layout,
+                                           train=True, mutable=['batch_stats'])).lower(
+      st.params, st.batch_stats, canvases[0]).as_text()
+  ops = [l for l in hlo.splitlines()
+         if re.search(r'stablehlo\.(convolution|dot_general)', l)]
+  neck_ops = [l for l in ops if re.search(rf': \(tensor<{r_total}x', l)]
+  expected = config.model.neck_convs + 2
   return {
       'parts': out, 'sum_of_parts_s': total_parts, 'step_s': step_s,
+      'step_times_s': step_times, 'rounds': args.breakdown_reps,
       'neck_regions_per_view': r_total,
-      'neck_conv_calls_per_view_forward': len(neck_convs),
-      'neck_convs_configured': config.model.neck_convs,
-      'neck_runs_once_over_all_levels': len(neck_convs) == config.model.neck_convs,
+      'neck_matmul_ops_over_all_regions': len(neck_ops),
+      'neck_matmul_ops_expected': expected,
+      'neck_runs_once_over_all_levels': len(neck_ops) == expected,
   }
 
 
@@ -398,7 +580,8 @@ def print_table(res: dict):
       ('batch', f"{res['per_device_batch']}/device, global {res['global_batch']}, "
                 f"group {res['group_size']}"),
       ('options', f"neck_regions={res['neck_regions']}, region_path={res['region_path']}, "
-                  f"target_whole_crops_only={res['target_whole_crops_only']}"),
+                  f"target_whole_crops_only={res['target_whole_crops_only']}, "
+                  f"neck_conv={res['neck_conv']}"),
       ('compile', f"{res['lower_s']:.1f} s trace+lower, {res['compile_s']:.1f} s compile"),
       ('FLOPs/step', f"{res['flops_per_step'] / 1e9:.2f} GFLOP per device (cost analysis)"),
   ]
@@ -429,17 +612,19 @@ def print_table(res: dict):
     print(f'{k:<{w}}  {v}')
   if 'breakdown' in res:
     b = res['breakdown']
-    print(f"\n{'part':<26} {'ms':>9} {'% step':>7} {'% parts':>8} {'GFLOP':>8}")
+    print(f"\nbreakdown: {b['rounds']} rounds of (full step, each part); medians")
+    print(f"{'part':<26} {'ms':>9} {'% step':>7} {'% parts':>8} {'GFLOP':>8}")
+    print(f"{'full step':<26} {b['step_s'] * 1e3:>9.1f} {100.0:>7.1f} {'':>8} "
+          f"{res['flops_per_step'] / 1e9:>8.2f}")
     for name, v in b['parts'].items():
-      pct = '' if v['pct_of_step'] is None else f"{v['pct_of_step']:.1f}"
-      print(f"{name:<26} {v['s'] * 1e3:>9.1f} {pct:>7} {v['pct_of_parts']:>8.1f} "
-            f"{v['flops'] / 1e9:>8.2f}")
-    print(f"{'sum of parts':<26} {b['sum_of_parts_s'] * 1e3:>9.1f}"
-          + (f" {100 * b['sum_of_parts_s'] / b['step_s']:>7.1f}" if b['step_s'] else ''))
-    print(f"neck: {b['neck_conv_calls_per_view_forward']} conv calls over "
-          f"{b['neck_regions_per_view']} regions per view forward "
-          f"({b['neck_convs_configured']} layers): runs once over all levels = "
-          f"{b['neck_runs_once_over_all_levels']}")
+      print(f"{name:<26} {v['s'] * 1e3:>9.1f} {v['pct_of_step']:>7.1f} "
+            f"{v['pct_of_parts']:>8.1f} {v['flops'] / 1e9:>8.2f}")
+    print(f"{'sum of parts':<26} {b['sum_of_parts_s'] * 1e3:>9.1f} "
+          f"{100 * b['sum_of_parts_s'] / b['step_s']:>7.1f}")
+    print(f"neck: {b['neck_matmul_ops_over_all_regions']} conv/dot ops over all "
+          f"{b['neck_regions_per_view']} regions of a view in the online forward "
+          f"(expected {b['neck_matmul_ops_expected']}: its convs + 2 Dense): runs once over "
+          f"all levels = {b['neck_runs_once_over_all_levels']}")
 
 
 def main(argv=None):
@@ -456,6 +641,9 @@ def main(argv=None):
   p.add_argument('--neck-regions', choices=('all', 'used'))
   p.add_argument('--region-path', choices=('reshape', 'roi_align'))
   p.add_argument('--target-whole-crops-only', type=int, choices=(0, 1))
+  p.add_argument('--neck-conv', choices=('default', 'xla'), default='default',
+                 help="'xla': the neck's <= 2x2-region convs as XLA convolutions (the "
+                      "code before heads.SmallRegionConv), for before/after timings")
   p.add_argument('--devices', type=int, help='devices of the mesh (default: all local)')
   p.add_argument('--steps', type=int, help='timed steps (preset default)')
   p.add_argument('--warmup', type=int, default=1, help='untimed steps after the compile')
@@ -465,6 +653,9 @@ def main(argv=None):
                  help='compile and report FLOPs / memory, do not run')
   p.add_argument('--breakdown', action='store_true', help='time the parts of the step')
   p.add_argument('--breakdown-reps', type=int, default=3)
+  p.add_argument('--ab', help='A/B: variant = the config with these overrides, e.g. '
+                 'neck_regions=used or target_whole_crops_only=1 or neck_conv=xla or '
+                 'dtype=bfloat16; both compiled here, steps alternated')
   p.add_argument('--json', help='write the results here')
   args = p.parse_args(argv)
   import jax
@@ -475,9 +666,16 @@ def main(argv=None):
   if args.matmul_size is None:
     args.matmul_size = 2048 if jax.default_backend() == 'cpu' else 8192
   config = build_config(args)
-  res = bench_step(config, args)
-  print()
-  print_table(res)
+  if args.ab:
+    res = ab_compare(config, args)
+    print()
+    print_ab(res)
+  else:
+    if args.neck_conv == 'xla':
+      use_xla_neck_conv()
+    res = bench_step(config, args)
+    print()
+    print_table(res)
   if args.json:
     with open(args.json, 'w') as f:
       json.dump(res, f, indent=1)

@@ -3,12 +3,24 @@
 Layout of a workdir:
   config.json          the config of the run (tools rebuild the model from it)
   checkpoints/<step>/  Orbax checkpoints of the TrainState (atomic: written to
-                       a temporary directory and renamed once complete)
+                       <step>.orbax-checkpoint-tmp and renamed once complete;
+                       a leftover tmp directory is never restored and is
+                       deleted when the next run opens the directory)
+  checkpoints/<step>.corrupt/
+                       a checkpoint that failed to restore while an older
+                       one restored: moved aside so that Orbax neither
+                       restores it nor counts it against keep_checkpoints
   metrics.jsonl, events.* (TensorBoard), montage.png
+
+Resuming restores the newest readable checkpoint. A checkpoint whose arrays
+do not match the current model's shapes is refused (CheckpointError), never
+treated as corrupt and never silently restored.
 """
 
 import json
 import os
+import tempfile
+import uuid
 
 from absl import logging
 import jax
@@ -23,21 +35,53 @@ class CheckpointError(RuntimeError):
 
 
 def check_workdir(workdir: str):
-  """Creates the workdir, or says clearly why it cannot be used."""
+  """Creates the workdir, or says clearly why it cannot be used.
+
+  Writability is tested by creating (and removing) a file, not with
+  os.access: that also catches read-only mounts, and is not fooled by root,
+  for whom os.access reports every directory writable.
+  """
+  if '://' in str(workdir):
+    raise CheckpointError(
+        f'workdir {workdir!r}: only local or mounted paths are supported (the '
+        'metrics and config are written with plain file I/O); mount the bucket '
+        '(e.g. gcsfuse) and pass the mount path')
   try:
     os.makedirs(workdir, exist_ok=True)
   except OSError as e:
-    raise CheckpointError(f'workdir {workdir!r} cannot be created: {e}') from e
-  if not os.access(workdir, os.W_OK | os.X_OK):
-    raise CheckpointError(f'workdir {workdir!r} is not writable: choose another '
-                          '--workdir or fix its permissions')
+    raise CheckpointError(
+        f'workdir {workdir!r} cannot be created ({type(e).__name__}: {e.strerror or e}): '
+        'choose another --workdir') from e
+  try:
+    fd, probe = tempfile.mkstemp(prefix='.write_test_', dir=workdir)
+    os.close(fd)
+    os.remove(probe)
+  except OSError as e:
+    raise CheckpointError(
+        f'workdir {workdir!r} is not writable ({type(e).__name__}: {e.strerror or e}): '
+        'choose another --workdir or fix its permissions') from e
+
+
+def _write_atomic(path: str, text: str):
+  """Writes `text` to `path` through a temporary file and a rename."""
+  tmp = f'{path}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp'
+  try:
+    with open(tmp, 'x') as f:
+      f.write(text)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
 
 
 def save_config(workdir: str, config):
-  """Writes config.json (process 0)."""
+  """Writes config.json (process 0), atomically: a kill never leaves half of it."""
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, CONFIG_FILE), 'w') as f:
-      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+    _write_atomic(os.path.join(workdir, CONFIG_FILE),
+                  config.to_json_best_effort(indent=2, sort_keys=True))
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
@@ -45,9 +89,40 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
   path = os.path.join(workdir, CONFIG_FILE)
   if not os.path.exists(path):
     raise CheckpointError(f'{path} not found: is {workdir!r} an mcl_jax workdir?')
-  with open(path) as f:
-    raw = json.load(f)
+  try:
+    with open(path) as f:
+      raw = json.load(f)
+  except (OSError, ValueError) as e:
+    raise CheckpointError(f'{path} cannot be read ({type(e).__name__}: {e})') from e
   return ml_collections.ConfigDict(_tuplify(raw))
+
+
+def truncate_metrics(workdir: str, step: int, name: str = 'metrics.jsonl') -> int:
+  """Drops the lines of steps after `step` (and unparsable ones) from metrics.jsonl.
+
+  Called when a run (re)starts from the checkpoint of `step`: the steps after
+  it are trained again and logged again, so each step keeps exactly one line,
+  the one of the run that is continued. A line cut short by a kill is dropped
+  too. Process 0 only; returns the number of lines dropped.
+  """
+  path = os.path.join(workdir, name)
+  if jax.process_index() != 0 or not os.path.exists(path):
+    return 0
+  with open(path) as f:
+    lines = f.read().splitlines()
+  keep = []
+  for line in lines:
+    try:
+      if int(json.loads(line)['step']) <= step:
+        keep.append(line)
+    except (ValueError, KeyError, TypeError):
+      pass
+  dropped = len(lines) - len(keep)
+  if dropped:
+    _write_atomic(path, ''.join(l + '\n' for l in keep))
+    logging.info('%s: dropped %d line(s) after step %d (they are logged again).',
+                 path, dropped, step)
+  return dropped
 
 
 def _tuplify(x):
@@ -117,31 +192,129 @@ def save(manager: ocp.CheckpointManager, step: int, state, force: bool = False) 
   return manager.save(step, args=ocp.args.StandardSave(state), force=force)
 
 
-def restore_latest(manager: ocp.CheckpointManager, abstract_state, step: int | None = None):
+def _path_str(path) -> str:
+  return '/'.join(str(getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k))))
+                  for k in path)
+
+
+def _shapes(tree) -> dict[str, tuple[int, ...] | None]:
+  """{leaf path: shape} of a state, an abstract state or Orbax metadata."""
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {_path_str(p): (tuple(x.shape) if getattr(x, 'shape', None) is not None else None)
+          for p, x in leaves}
+
+
+def _shape_mismatch(saved: dict, wanted: dict) -> str | None:
+  """How a checkpoint's arrays differ from the model's (None: they match)."""
+  missing = sorted(set(wanted) - set(saved))
+  extra = sorted(set(saved) - set(wanted))
+  changed = [f'{k}: saved {saved[k]}, model {wanted[k]}'
+             for k in sorted(set(saved) & set(wanted))
+             if saved[k] is not None and saved[k] != wanted[k]]
+  parts = []
+  if changed:
+    parts.append(f'{len(changed)} array(s) of other shapes, e.g. ' + '; '.join(changed[:3]))
+  if missing:
+    parts.append(f'{len(missing)} array(s) missing, e.g. ' + ', '.join(missing[:3]))
+  if extra:
+    parts.append(f'{len(extra)} unexpected array(s), e.g. ' + ', '.join(extra[:3]))
+  return ' | '.join(parts) or None
+
+
+def quarantine(directory, step: int) -> str | None:
+  """Renames checkpoints/<step> to <step>.corrupt[.N] (process 0); returns the new path.
+
+  The new name is not a step name to Orbax: it is neither restored nor
+  counted by max_to_keep, and the files stay for inspection.
+  """
+  src = os.path.join(str(directory), str(step))
+  if jax.process_index() != 0 or not os.path.isdir(src):
+    return None
+  dst, n = src + '.corrupt', 1
+  while os.path.exists(dst):
+    dst, n = f'{src}.corrupt.{n}', n + 1
+  os.rename(src, dst)
+  return dst
+
+
+def _sync(name: str):
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(name)
+
+
+def restore_latest(manager: ocp.CheckpointManager, abstract_state, step: int | None = None,
+                   quarantine_corrupt: bool = True):
   """Restores the newest readable checkpoint onto `abstract_state`'s shardings.
 
   A corrupt or truncated checkpoint is skipped with a warning and the one
-  before it is tried; returns (state, step), or (None, None) when none exist.
+  before it is tried. Once an older one restores, the unreadable newer ones
+  are moved aside to `<step>.corrupt` (`quarantine_corrupt`), so that the
+  run's next saves neither collide with them nor let max_to_keep delete the
+  good checkpoint in their favour. If no checkpoint restores, nothing is
+  renamed (a transient read error must not cost the run its checkpoints) and
+  CheckpointError is raised. A checkpoint whose arrays have other shapes than
+  the model is refused with CheckpointError: that is a different model, not
+  corruption.
+
+  Returns (state, step), or (None, None) when there are no checkpoints.
   """
   steps = sorted(manager.all_steps(), reverse=True)
   if step is not None:
     if step not in steps:
       raise CheckpointError(f'no checkpoint at step {step}; have {sorted(steps)}')
     steps = [step]
+  wanted = _shapes(abstract_state)
+  failed = []
   for s in steps:
     try:
+      saved = _shapes(ocp.StandardCheckpointHandler().metadata(
+          manager.directory / str(s) / 'default'))
+    except Exception:  # pylint: disable=broad-except
+      saved = None  # unreadable metadata: the restore below fails and says why
+    if saved:
+      mismatch = _shape_mismatch(saved, wanted)
+      if mismatch:
+        raise CheckpointError(
+            f'checkpoint {s} in {manager.directory} was written by a different model '
+            f'({mismatch}). Use a new --workdir, or the config it was made with.')
+    try:
       state = manager.restore(s, args=ocp.args.StandardRestore(abstract_state))
-      return state, s
     except Exception as e:  # pylint: disable=broad-except
       if step is not None:
         raise CheckpointError(f'checkpoint {s} in {manager.directory} cannot be '
                               f'restored: {type(e).__name__}: {e}') from e
-      logging.warning('Checkpoint at step %d is unreadable (%s: %s); trying the '
-                      'previous one.', s, type(e).__name__, str(e)[:300])
+      failed.append((s, f'{type(e).__name__}: {str(e)[:300]}'))
+      logging.warning('Checkpoint of step %d is unreadable (%s); trying the previous '
+                      'one.', s, failed[-1][1])
+      continue
+    _check_same_step_everywhere(s)
+    if failed and quarantine_corrupt:
+      for bad, _ in failed:
+        moved = quarantine(manager.directory, bad)
+        if moved:
+          logging.warning('Moved the unreadable checkpoint of step %d to %s.', bad, moved)
+      _sync('mcl_jax_quarantine')
+      manager.reload()
+    return state, s
   if steps:
-    raise CheckpointError(f'no readable checkpoint in {manager.directory} '
-                          f'(tried steps {steps})')
+    raise CheckpointError(
+        f'no checkpoint in {manager.directory} can be restored (tried steps {steps}: '
+        + '; '.join(f'{s}: {msg}' for s, msg in failed) + '). Nothing was renamed; '
+        'remove or repair them, or use a new --workdir.')
   return None, None
+
+
+def _check_same_step_everywhere(step: int):
+  """All processes must resume from the same checkpoint (they read the same files)."""
+  if jax.process_count() == 1:
+    return
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  steps = np.asarray(multihost_utils.process_allgather(np.int32(step)))
+  if len(set(steps.ravel().tolist())) != 1:
+    raise CheckpointError(f'processes restored different checkpoints {steps.tolist()}: '
+                          'do all hosts see the same workdir?')
 
 
 def load_variables(workdir: str, step: int | None = None, which: str = 'online'):
@@ -156,7 +329,7 @@ def load_variables(workdir: str, step: int | None = None, which: str = 'online')
   config = load_config(workdir)
   abstract = train.abstract_train_state(config)
   manager = make_manager(workdir, config.keep_checkpoints, async_save=False)
-  state, got = restore_latest(manager, abstract, step)
+  state, got = restore_latest(manager, abstract, step, quarantine_corrupt=False)
   manager.close()
   if state is None:
     raise CheckpointError(f'no checkpoint in {checkpoint_dir(workdir)}')

@@ -1,5 +1,12 @@
-"""Checks a config before anything is compiled; every error names field, value and rule."""
+"""Checks a config before anything is compiled; every error names field, value and rule.
 
+`validate` is the first thing `train.train_and_evaluate` does: an impossible
+setting fails in milliseconds with `config.<field>=<value>: <rule>` instead of
+minutes into compilation or deep inside XLA.
+"""
+
+import math
+import numbers
 from typing import Any
 
 
@@ -12,9 +19,25 @@ def _require(ok: bool, field: str, value: Any, rule: str):
     raise ConfigError(f'config.{field}={value!r}: {rule}')
 
 
+def _is_int(x) -> bool:
+  return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def _is_real(x) -> bool:
+  return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x)
+
+
 def validate(config, num_devices: int = 1, num_processes: int = 1):
   """Raises ConfigError on the first impossible setting."""
   o, m, mo, d, l = config.optim, config.model, config.montage, config.data, config.loss
+  for field, value in (('optim.global_batch', o.global_batch),
+                       ('montage.group_size', mo.group_size),
+                       ('data.image_size', d.image_size), ('data.num_crops', d.num_crops)):
+    _require(_is_int(value), field, value, 'must be an integer')
+  for field, value in (('optim.base_lr', o.base_lr), ('optim.momentum', o.momentum),
+                       ('optim.ema_base_momentum', o.ema_base_momentum),
+                       ('optim.weight_decay', o.weight_decay), ('loss.tau', l.tau)):
+    _require(_is_real(value), field, value, 'must be a finite number')
   _require(config.objective in ('self_supervised', 'supervised'), 'objective',
            config.objective, "must be 'self_supervised' or 'supervised'")
   _require(o.global_batch > 0 and o.global_batch % num_devices == 0, 'optim.global_batch',
@@ -29,21 +52,31 @@ def validate(config, num_devices: int = 1, num_processes: int = 1):
   levels = len(l.level_weights)
   _require(1 <= levels <= 4, 'loss.level_weights', tuple(l.level_weights),
            'needs 1 to 4 levels (FPN P5..P2)')
+  _require(all(_is_real(w) and w >= 0 for w in l.level_weights) and sum(l.level_weights) > 0,
+           'loss.level_weights', tuple(l.level_weights),
+           'weights must be finite, >= 0 and not all 0')
   _require(len(mo.grids) >= levels, 'montage.grids', tuple(mo.grids),
            f'needs one grid per level ({levels} level weights)')
   _require(tuple(mo.grids[:levels]) == tuple(2**i for i in range(levels)), 'montage.grids',
            tuple(mo.grids), 'level i must use a 2**i grid so that its tiles map to P(5-i)')
   if mo.layout == 'grid':
+    _require(len(mo.canvas_divisors) >= levels, 'montage.canvas_divisors',
+             tuple(mo.canvas_divisors), f'needs one divisor per level ({levels} level weights)')
     for i in range(1, levels):
       div = mo.canvas_divisors[i]
+      _require(_is_int(div) and div > 0, f'montage.canvas_divisors[{i}]', div,
+               'must be a positive integer')
       _require(mo.group_size % div == 0 and mo.group_size // div >= 1,
                f'montage.canvas_divisors[{i}]', div,
                f'group_size {mo.group_size} must be a multiple of it so that level {i} '
                'gets at least one canvas')
   elif mo.layout == 'mixed':
     _require(levels == 4, 'montage.layout', mo.layout, 'the mixed layout needs 4 levels')
-    _require(mo.group_size % mo.mixed_canvases_divisor == 0, 'montage.mixed_canvases_divisor',
-             mo.mixed_canvases_divisor, f'must divide group_size {mo.group_size}')
+    _require(_is_int(mo.mixed_canvases_divisor) and mo.mixed_canvases_divisor > 0
+             and mo.group_size % mo.mixed_canvases_divisor == 0,
+             'montage.mixed_canvases_divisor', mo.mixed_canvases_divisor,
+             f'must be a positive divisor of group_size {mo.group_size} (at least one '
+             'mixed canvas per group)')
     _require(m.region_path == 'roi_align' and m.neck_regions == 'used', 'montage.layout',
              mo.layout, "mixed canvases need model.region_path='roi_align' and "
              "model.neck_regions='used'")

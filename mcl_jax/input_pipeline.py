@@ -603,6 +603,40 @@ def _tfds_keys(builder) -> tuple[str, Optional[str]]:
   return image_keys[0], ('label' if 'label' in features else None)
 
 
+def require_labels(data_cfg) -> int:
+  """Checks that the training source is labelled; returns its class count.
+
+  Raises:
+    ValueError: the source has unlabelled images (a folder without class
+      subfolders, a tfds dataset without a 'label' feature), or more classes
+      than `data.num_classes`.
+  """
+  source = data_cfg.source
+  if source == 'digits':
+    num = 10
+  elif source == 'folder':
+    index = scan_folder(data_cfg, data_cfg.get('train_split'))
+    if (index.labels < 0).any():
+      raise ValueError(
+          f"objective='supervised' needs labels, but data.folder={data_cfg.folder!r} "
+          f'has {int((index.labels < 0).sum())} images outside class subfolders: '
+          'arrange it as root/class/*.jpg, or use the self-supervised objective.')
+    num = len(index.class_names)
+  elif source == 'tfds':
+    builder = tfds_builder(data_cfg)
+    _, label_key = _tfds_keys(builder)
+    if label_key is None:
+      raise ValueError(f"objective='supervised' needs labels, but tfds dataset "
+                       f"{data_cfg.tfds_name!r} has no 'label' feature.")
+    num = builder.info.features[label_key].num_classes
+  else:
+    raise ValueError(f"data.source={source!r}: must be 'tfds', 'folder' or 'digits'")
+  if num > data_cfg.num_classes:
+    raise ValueError(f'data.num_classes={data_cfg.num_classes}: the {source} source has '
+                     f'{num} classes; set --config.data.num_classes={num}.')
+  return num
+
+
 # ---------------------------------------------------------------------------
 # Sizes.
 # ---------------------------------------------------------------------------

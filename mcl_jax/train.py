@@ -8,6 +8,7 @@ batch; only montage assembly runs per device (`jax.shard_map`).
 
 import functools
 import math
+import os
 import signal
 from typing import Any
 
@@ -16,6 +17,7 @@ import flax
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -185,14 +187,37 @@ def make_train_step(config, mesh, num_steps: int):
 # --------------------------------------------------------------------- loop --
 
 class _StopSignal:
-  """Turns SIGTERM / SIGINT into a flag the loop checks between steps."""
+  """Turns SIGTERM / SIGINT into a stop request that the loop acts on between steps.
 
-  def __init__(self):
+  The loop asks `should_stop(step)` after every step, on every process; when
+  it says yes, the loop checkpoints that step and returns normally (exit
+  status 0). A second signal of the same kind gets the previous handler back
+  and re-delivers the signal (Ctrl-C twice stops at once, without a save).
+
+  With several processes all of them must stop at the same step (the save is
+  collective). SIGTERM, the preemption notice of TPU VMs, SLURM and
+  Kubernetes, is left to JAX's preemption notifier that
+  `jax.distributed.initialize` installs; `reached_preemption_sync_point`
+  then agrees on a step with every process through the coordination service,
+  on the host, without device work per step. SIGINT is forwarded to it as a
+  SIGTERM of this process. Without the preemption service the processes
+  combine their local flags with a `process_allgather` every step.
+  """
+
+  def __init__(self, num_processes: int = 1):
     self.received = None
     self._old = {}
+    self._multi = num_processes > 1
+    self._preemption = False
 
   def __enter__(self):
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    signals = (signal.SIGTERM, signal.SIGINT)
+    if self._multi:
+      from jax._src import distributed  # pylint: disable=g-import-not-at-top
+      self._preemption = distributed.global_state.preemption_sync_manager is not None
+      if self._preemption:
+        signals = (signal.SIGINT,)  # SIGTERM stays with JAX's preemption notifier
+    for sig in signals:
       try:
         self._old[sig] = signal.signal(sig, self._handle)
       except ValueError:  # not the main thread: leave signals alone
@@ -200,24 +225,65 @@ class _StopSignal:
     return self
 
   def _handle(self, signum, frame):
-    del frame
-    self.received = signal.Signals(signum).name
+    name = signal.Signals(signum).name
+    if self.received == name:  # the second one: the previous behaviour, now
+      old = self._old.pop(signum, signal.SIG_DFL)
+      signal.signal(signum, old)
+      if callable(old):
+        old(signum, frame)
+      else:
+        os.kill(os.getpid(), signum)
+      return
+    self.received = name
+    if self._multi and self._preemption and signum == signal.SIGINT:
+      os.kill(os.getpid(), signal.SIGTERM)  # to JAX's notifier: every process stops
+
+  def should_stop(self, step: int) -> bool:
+    """Whether to checkpoint and stop after `step`; every process must call it."""
+    if not self._multi:
+      return self.received is not None
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    if self._preemption:
+      return bool(multihost_utils.reached_preemption_sync_point(step))
+    flags = multihost_utils.process_allgather(np.int32(self.received is not None))
+    return bool(np.any(np.asarray(flags)))
 
   def __exit__(self, *exc):
     for sig, old in self._old.items():
       signal.signal(sig, old)
 
 
-def _check_finite(metrics: dict, step: int):
-  for name in ('loss', 'grad_norm'):
-    if not math.isfinite(float(metrics[name])):
-      raise NonFiniteError(
-          f'{name} is {float(metrics[name])} at step {step}: stopping. The last good '
-          'checkpoint is kept; lower the learning rate or check the data.')
+# Metrics that must be finite for a step's state to be kept: the loss and the
+# gradient norm of the step, and the norm of the parameters it produced (an
+# overflowing update can give finite gradients but Inf parameters).
+FINITE_METRICS = ('loss', 'grad_norm', 'param_norm')
+
+
+def _check_finite(metrics: dict, step: int, last_checkpoint: int | None = None):
+  """Raises NonFiniteError if a FINITE_METRICS value of `step` (1-based) is NaN/Inf."""
+  bad = [n for n in FINITE_METRICS if n in metrics and not math.isfinite(float(metrics[n]))]
+  if bad:
+    values = ', '.join(f'{n}={float(metrics[n])}' for n in FINITE_METRICS if n in metrics)
+    kept = ('no checkpoint was written yet' if last_checkpoint is None else
+            f'the last good checkpoint (step {last_checkpoint}) is kept')
+    raise NonFiniteError(
+        f'{", ".join(bad)} not finite at step {step} ({values}): stopping before '
+        f'anything of this step is saved; {kept}. Lower the learning rate or check '
+        'the data.')
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
-  """Runs (or resumes) pretraining in `workdir`. Returns the last metrics."""
+  """Runs (or resumes) pretraining in `workdir`. Returns the last metrics.
+
+  Order of the checks, all before anything is compiled: the config
+  (config_validation), the workdir (created, writable), and a saved
+  config.json of another model shape (refused). Then the newest readable
+  checkpoint is restored (unreadable ones are skipped, see
+  checkpointing.restore_latest) and metrics.jsonl is cut back to its step.
+
+  Every process of a multi-process run calls this with the same arguments;
+  process 0 alone writes config.json and metrics, all of them save.
+  """
   from mcl_jax import input_pipeline  # late: pulls in TensorFlow
   config_validation.validate(config, jax.device_count(), jax.process_count())
   checkpointing.check_workdir(workdir)
@@ -230,7 +296,20 @@ def train_and_evaluate(config, workdir: str) -> dict:
   state_sharding = NamedSharding(mesh, P())
   batch_sharding = NamedSharding(mesh, P('data'))
 
-  manager = checkpointing.make_manager(workdir, config.keep_checkpoints)
+  with _StopSignal(jax.process_count()) as stop:
+    manager = checkpointing.make_manager(workdir, config.keep_checkpoints)
+    try:
+      return _run(config, workdir, manager, stop, mesh, num_steps, state_sharding,
+                  batch_sharding, input_pipeline)
+    finally:
+      # Also on errors (a non-finite step, an interrupt): a save in flight is
+      # of a state that passed its checks; finish it rather than leave a tmp dir.
+      manager.wait_until_finished()
+      manager.close()
+
+
+def _run(config, workdir, manager, stop, mesh, num_steps, state_sharding, batch_sharding,
+         input_pipeline) -> dict:
   abstract = abstract_train_state(config, mesh)
   state, start = checkpointing.restore_latest(manager, abstract)
   if state is None:
@@ -240,7 +319,12 @@ def train_and_evaluate(config, workdir: str) -> dict:
     checkpointing.save_config(workdir, config)
     logging.info('Starting a new run: %d steps.', num_steps)
   else:
+    if not os.path.exists(os.path.join(workdir, checkpointing.CONFIG_FILE)):
+      checkpointing.save_config(workdir, config)
     logging.info('Resumed from the checkpoint of step %d.', start)
+  # Steps after `start` are trained (and logged) again: drop their old lines.
+  checkpointing.truncate_metrics(workdir, start)
+  last_saved = start if start else None
 
   train_step = make_train_step(config, mesh, num_steps)
   data = input_pipeline.create_train_iterator(
@@ -248,39 +332,47 @@ def train_and_evaluate(config, workdir: str) -> dict:
       start_step=start)
   writer = logs.MetricWriter(workdir, num_steps, config.optim.global_batch)
   last = {}
+  stopped = False
   pending = None  # (step, metrics) of the step in flight: checked one step late
-  with _StopSignal() as stop:
+  try:
     for step in range(start, num_steps):
       batch = input_pipeline.to_global_batch(next(data), batch_sharding)
       if step == start == 0 and config.montage_png:
         logs.write_montage_png(config, batch['crops'], workdir)
       state, metrics = train_step(state, batch['crops'], batch['label'])
       if pending is not None:
-        last = _finish_step(*pending, writer, config)
+        last = _finish_step(*pending, writer, config, last_saved)
       pending = (step, metrics)
       done = step + 1
-      if stop.received or done % config.checkpoint_every == 0 or done == num_steps:
-        last = _finish_step(*pending, writer, config)
+      stopped = stop.should_stop(step)
+      if stopped or done % config.checkpoint_every == 0 or done == num_steps:
+        # The state of step `done` is saved only after its metrics passed
+        # _check_finite: a non-finite state is never checkpointed.
+        last = _finish_step(*pending, writer, config, last_saved)
         pending = None
         checkpointing.save(manager, done, state, force=True)
-      if stop.received:
-        logging.warning('%s received: saved the checkpoint of step %d, exiting.',
-                        stop.received, done)
+        last_saved = done
+      if stopped:
+        logging.warning('%s: saved the checkpoint of step %d, exiting.',
+                        f'{stop.received} received' if stop.received
+                        else 'Preemption notice', done)
+        print(f'Stopped after step {done} ({stop.received or "preemption notice"}); '
+              f'checkpoint saved. Rerun the same command to resume.', flush=True)
         break
     if pending is not None:
-      last = _finish_step(*pending, writer, config)
+      last = _finish_step(*pending, writer, config, last_saved)
+  finally:
+    writer.close()
   manager.wait_until_finished()
-  manager.close()
-  writer.close()
-  if config.eval_knn_at_end and not stop.received and jax.process_index() == 0:
+  if config.eval_knn_at_end and not stopped and jax.process_index() == 0:
     last.update(_final_eval(config, state))
   return last
 
 
-def _finish_step(step: int, metrics, writer, config) -> dict:
+def _finish_step(step: int, metrics, writer, config, last_saved=None) -> dict:
   """Fetches a step's metrics, stops on non-finite values, logs."""
   host = {k: float(v) for k, v in jax.device_get(metrics).items()}
-  _check_finite(host, step)
+  _check_finite(host, step + 1, last_saved)
   writer.write(step + 1, host, console=(step + 1) % config.log_every == 0 or step == 0)
   return host
 
@@ -288,9 +380,11 @@ def _finish_step(step: int, metrics, writer, config) -> dict:
 def _final_eval(config, state) -> dict:
   """kNN on held-out data before (random init) and after pretraining."""
   from mcl_jax import evaluate  # late: evaluation pulls in scikit-learn
-  trained = {'params': state.params, 'batch_stats': state.batch_stats}
+  # Host copies: the state is replicated over every process's devices, and
+  # process 0 evaluates alone on its own devices.
+  local = lambda x: np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array) else x
+  trained = jax.tree.map(local, {'params': state.params, 'batch_stats': state.batch_stats})
   result = evaluate.evaluate_variables(config, trained, compare_random_init=True)
   logging.info('Evaluation: %s', result)
   print(evaluate.format_table(result), flush=True)
   return {f'eval_{k}': v for k, v in result.items() if isinstance(v, (int, float))}
-

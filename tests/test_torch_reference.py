@@ -2,16 +2,19 @@
 
 Weights are random variables in the JAX init's shapes (BatchNorm scales,
 biases and running statistics randomised too) copied into PyTorch, with a
-target encoder perturbed away from the online one; both sides see the same augmented crops assembled into the same
-canvases with the same tile labels (`model.view_canvases`), in float32 with
-train-mode BatchNorm. Tolerances: loss and every per-level metric (loss,
+target encoder perturbed away from the online one; both sides see the same
+augmented crops assembled into the same canvases with the same tile labels
+(`model.view_canvases`), in float32 with train-mode BatchNorm. Tolerances: loss and every per-level metric (loss,
 pos_cos, neg_cos) within 1e-4 relative (cosines: relative to max(|value|, 0.01),
 since a mean negative cosine can sit near 0); online gradients within 1e-3 of
 each tensor's largest entry (floored at 1e-4 of the largest gradient).
 
 Two configs: test_tiny (32 px: every region is 1 x 1) and the same network at
 64 px (2 x 2 regions, so the neck's 3x3 convs see a zero-padded border),
-both with neck_regions='all' (the reference) and two montage groups.
+both with neck_regions='all' (the reference) and two montage groups. At
+these region sizes JAX computes the neck's convs as dense matmuls
+(`heads.SmallRegionConv`); PyTorch runs real convolutions, so this also
+checks that path against `conv2d`.
 """
 
 import re
@@ -141,13 +144,13 @@ def _compare(image_size, seed):
   assert len(gdev) == len(jg) - 2 - len(config.loss.level_weights)
   worst = max(gdev, key=gdev.get)
   print(sorted(gdev.items(), key=lambda kv: -kv[1])[:4])
-  print(f'\n{s} px: JAX loss {float(jloss):.6f}, torch {float(tloss.detach()):.6f}; max rel dev '
+  print(f'\n{s} px: JAX loss {float(jloss):.6f}, torch {tloss.item():.6f}; max rel dev '
         + ', '.join(f'{m}: {max(v for k, v in dev.items() if k.startswith(m)):.1e}'
                     for m in ('loss', 'pos_cos', 'neg_cos'))
         + f'; max grad dev {gdev[worst]:.1e} ({worst})')
   bad = {k: (jm[k], tm[k], d) for k, d in dev.items() if d > REL}
   assert not bad, bad
-  assert abs(float(tloss) - float(jloss)) <= REL * abs(float(jloss))
+  assert abs(tloss.item() - float(jloss)) <= REL * abs(float(jloss))
   assert gdev[worst] <= GRAD_REL, (worst, gdev[worst])
 
 
