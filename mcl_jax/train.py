@@ -286,6 +286,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
   """
   from mcl_jax import input_pipeline  # late: pulls in TensorFlow
   config_validation.validate(config, jax.device_count(), jax.process_count())
+  if config.objective == 'supervised':
+    try:  # an unlabelled source, or too few classes: one clear error
+      input_pipeline.require_labels(config.data)
+    except input_pipeline.DatasetNotFoundError:
+      raise
+    except ValueError as e:
+      raise config_validation.ConfigError(str(e)) from e
   checkpointing.check_workdir(workdir)
   checkpointing.check_compatible(workdir, config)
   logging.info('Process %d/%d, local devices %s, global devices %d',

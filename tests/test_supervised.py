@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from configs import demo, mcl_supervised_100ep, test_tiny
+from configs import demo_supervised, mcl_supervised_100ep, test_tiny
 from mcl_jax import export, input_pipeline, losses, train
 
 
@@ -65,20 +65,9 @@ def test_unlabelled_folder_is_refused(tmp_path):
     input_pipeline.require_labels(c.data)
 
 
-def supervised_digits_config():
-  """The demo's digits setup with labels: learns within ~100 steps on a CPU."""
-  c = demo.get_config()
-  c.objective = 'supervised'
-  c.optim.num_steps = 100
-  c.optim.warmup_steps = 5
-  c.data.crop_scale = (0.6, 1.0)
-  c.augment.jitter_p = (0.0, 0.0)
-  return c
-
-
 def test_short_supervised_run_on_digits_learns():
   """Real steps on digits: level-0 tile accuracy gets high; export still works."""
-  config = supervised_digits_config()
+  config = demo_supervised.get_config()
   steps = config.optim.num_steps
   mesh = train.make_mesh(1)
   state = jax.jit(lambda k: train.create_train_state(config, k, steps),

@@ -61,6 +61,8 @@ def test_one_step_on_one_and_eight_devices_agree():
 def test_schedules():
   config = _tiny()
   config.optim.global_batch = 512
+  config.optim.base_lr = 1.0
+  config.optim.min_lr = 1e-4
   config.optim.warmup_steps = 10
   sched = train.lr_schedule(config, 100)
   lr = 1.0 * 512 / 256
