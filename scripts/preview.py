@@ -22,6 +22,7 @@ from PIL import Image
 
 from mcl_jax import augment
 from mcl_jax import input_pipeline
+from mcl_jax import logs
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', 'configs/mcl_100ep.py', 'Training config file.')
@@ -91,6 +92,15 @@ def main(argv):
   crops_grid_png(crops, _OUT.value)
   print(f'wrote {_OUT.value}: {crops.shape[0]} images x {crops.shape[1]} '
         'crops (view A | view B)')
+  # The montages of one group, built from the same source (both views, levels 0..3).
+  config = _CONFIG.value
+  it = input_pipeline.create_train_iterator(
+      config.data, global_batch=config.montage.group_size, seed=_SEED.value,
+      process_index=0, process_count=1)
+  root, ext = os.path.splitext(_OUT.value)
+  logs.write_montage_png(config, next(it)['crops'], os.path.dirname(os.path.abspath(_OUT.value)),
+                         name=os.path.basename(root) + '_montage' + (ext or '.png'))
+  print(f'wrote {root}_montage{ext or ".png"}: canvases per level, view q then view k')
 
 
 if __name__ == '__main__':
