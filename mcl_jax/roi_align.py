@@ -5,7 +5,6 @@ with respect to the features. Boxes are (x1, y1, x2, y2) in input-image
 pixels; `spatial_scale` maps them onto the feature map.
 """
 
-import math
 from typing import Sequence
 
 import jax
@@ -135,6 +134,3 @@ def multilevel_roi_align(features: dict[str, jax.Array], boxes, box_indices,
     out = jnp.where(sel, pooled, 0.0 if out is None else out)
   return out
 
-
-def is_power_of_two(x: int) -> bool:
-  return x > 0 and 2**int(math.log2(x)) == x
