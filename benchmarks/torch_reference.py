@@ -560,10 +560,11 @@ def speed_ratio(name: str, pairs: int, warmup: int, neck_regions: str | None = N
       'jax_tflops': flops / mj / 1e12, 'torch_tflops_same_flops': flops / mt / 1e12,
       'torch_threads': torch.get_num_threads(),
       'jax_neck_conv': 'xla' if _XLA_NECK[0] else 'default',
+      'jax_small_map_convs': 'dense' if _XLA_NECK[1] else 'default',
   }
 
 
-_XLA_NECK = [False]
+_XLA_NECK = [False, False]  # [--jax-neck-conv xla, --jax-small-map-convs dense]
 
 
 def _jax_cores() -> int:
@@ -588,8 +589,15 @@ def main(argv=None):
   p.add_argument('--jax-neck-conv', choices=('default', 'xla'), default='default',
                  help="'xla': JAX neck convs on <= 2x2 regions as XLA convolutions (the "
                       "code before heads.SmallRegionConv; see train_step.py)")
+  p.add_argument('--jax-small-map-convs', choices=('default', 'dense'), default='default',
+                 help="'dense' (experiment): JAX 3x3 convs with <= 2x2 outputs as dense "
+                      "matmuls (see train_step.use_dense_small_map_convs)")
   p.add_argument('--json', default=None, help='write the results here')
   args = p.parse_args(argv)
+  if args.jax_small_map_convs == 'dense':
+    from benchmarks import train_step
+    train_step.use_dense_small_map_convs()
+    _XLA_NECK[1] = True
   if args.jax_neck_conv == 'xla':
     from benchmarks import train_step
     train_step.use_xla_neck_conv()
