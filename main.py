@@ -45,7 +45,8 @@ def main(argv):
   # Keep TensorFlow (tf.data only) off the accelerators before anything imports it.
   import tensorflow as tf
   tf.config.set_visible_devices([], 'GPU')
-  tf.config.set_visible_devices([], 'TPU') if tf.config.list_physical_devices('TPU') else None
+  if tf.config.list_physical_devices('TPU'):
+    tf.config.set_visible_devices([], 'TPU')
   import jax
   f = flags.FLAGS
   if f.distributed:
