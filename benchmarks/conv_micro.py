@@ -6,8 +6,10 @@ PyTorch, as paired alternating runs in one process (medians). Shapes are the
 ResNet-50 / FPN / neck convolutions of the r50-small benchmark (64 px canvases,
 43 canvases per view; layer4 and P5 are 2 x 2 maps there) plus the neck's
 regions (3,655 2 x 2 regions per view for neck_regions='all', 172 for 'used';
-the library computes these as dense matmuls, heads.SmallRegionConv). Use it to see where XLA's CPU convolutions lose time; pass XLA_FLAGS in
-the environment to try other CPU code paths.
+all timed here on XLA's convolution; the library computes every conv with a
+<= 2 x 2 output as a dense matmul, resnet.Conv). Use it to see where XLA's CPU
+convolutions lose time; pass XLA_FLAGS in the environment to try other CPU
+code paths.
 
   python benchmarks/conv_micro.py
   taskset -c 0 python benchmarks/conv_micro.py     # one core each (see PERFORMANCE.md)

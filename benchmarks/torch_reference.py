@@ -559,12 +559,13 @@ def speed_ratio(name: str, pairs: int, warmup: int, neck_regions: str | None = N
       'jax_compile_s': compile_s, 'jax_flops_per_step': flops,
       'jax_tflops': flops / mj / 1e12, 'torch_tflops_same_flops': flops / mt / 1e12,
       'torch_threads': torch.get_num_threads(),
-      'jax_neck_conv': 'xla' if _XLA_NECK[0] else 'default',
-      'jax_small_map_convs': 'dense' if _XLA_NECK[1] else 'default',
+      'jax_small_map_convs': 'dense' if _resnet().DENSE_MAX_OUTPUT_PIXELS else 'xla',
   }
 
 
-_XLA_NECK = [False, False]  # [--jax-neck-conv xla, --jax-small-map-convs dense]
+def _resnet():
+  from mcl_jax import resnet  # pylint: disable=import-outside-toplevel
+  return resnet
 
 
 def _jax_cores() -> int:
@@ -586,22 +587,13 @@ def main(argv=None):
   p.add_argument('--channels-last', action='store_true', help='torch channels_last')
   p.add_argument('--threads', type=int, default=None,
                  help='torch threads (default: the cores JAX uses)')
-  p.add_argument('--jax-neck-conv', choices=('default', 'xla'), default='default',
-                 help="'xla': JAX neck convs on <= 2x2 regions as XLA convolutions (the "
-                      "code before heads.SmallRegionConv; see train_step.py)")
-  p.add_argument('--jax-small-map-convs', choices=('default', 'dense'), default='default',
-                 help="'dense' (experiment): JAX 3x3 convs with <= 2x2 outputs as dense "
-                      "matmuls (see train_step.use_dense_small_map_convs)")
+  p.add_argument('--jax-small-map-convs', choices=('dense', 'xla'), default='dense',
+                 help="'dense' (library default): JAX convs with <= 2x2 outputs as dense "
+                      "matmuls (resnet.Conv); 'xla': all on XLA's convolution")
   p.add_argument('--json', default=None, help='write the results here')
   args = p.parse_args(argv)
-  if args.jax_small_map_convs == 'dense':
-    from benchmarks import train_step
-    train_step.use_dense_small_map_convs()
-    _XLA_NECK[1] = True
-  if args.jax_neck_conv == 'xla':
-    from benchmarks import train_step
-    train_step.use_xla_neck_conv()
-    _XLA_NECK[0] = True
+  from mcl_jax import resnet  # pylint: disable=import-outside-toplevel
+  resnet.DENSE_MAX_OUTPUT_PIXELS = 0 if args.jax_small_map_convs == 'xla' else 4
 
   os.environ.setdefault('JAX_PLATFORMS', 'cpu')
   torch.set_num_threads(args.threads or _jax_cores())

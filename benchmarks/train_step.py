@@ -27,13 +27,13 @@ epochs).
 
 With --ab, a baseline and a variant config are both compiled and their steps
 alternated in one process (the way to measure an option's saving on a shared
-machine). --neck-conv xla and --small-map-convs dense swap in benchmark-only
-implementations (the neck conv before heads.SmallRegionConv; a dense-matmul
-experiment for every 3x3 conv with a <= 2x2 output) for before/after timings;
-see docs/PERFORMANCE.md.
+machine). --small-map-convs xla (or --ab small_map_convs=xla) puts the convs
+with <= 2x2 outputs back on XLA's convolution instead of resnet.Conv's dense
+matmuls, for before/after timings; see docs/PERFORMANCE.md.
 
 Examples:
   python benchmarks/train_step.py --preset tiny --breakdown
+  python benchmarks/train_step.py --preset demo --devices 1 --ab small_map_convs=xla
   python benchmarks/train_step.py --preset r50-small --ab neck_regions=used
   python benchmarks/train_step.py --preset r50-small --steps 3 --json /tmp/r50.json
   python benchmarks/train_step.py --preset r50-224 --batch 64 --dtype bfloat16   # GPU
@@ -55,6 +55,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PRESETS = {
     # configs/test_tiny.py as it is: 32 px, ResNet-18-style (1, 1, 1, 1) trunk of width 8.
     'tiny': dict(base='test_tiny', batch=16, steps=10),
+    # configs/demo.py as it is: the digits demo's step (32 px, width 16, batch 64).
+    'demo': dict(base='demo', batch=64, steps=10),
     # ResNet-50 + FPN-256 + full-size neck and predictors at 64 px (CPU-sized).
     'r50-small': dict(base='mcl_100ep', image_size=64, batch=32, group_size=32,
                       dtype='float32', steps=3),
@@ -68,9 +70,10 @@ PRESETS = {
 
 def build_config(args):
   """The preset's config with the command line's overrides applied."""
-  from configs import mcl_100ep, test_tiny
+  from configs import demo, mcl_100ep, test_tiny
   preset = dict(PRESETS[args.preset])
-  c = {'test_tiny': test_tiny, 'mcl_100ep': mcl_100ep}[preset.pop('base')].get_config()
+  bases = {'test_tiny': test_tiny, 'demo': demo, 'mcl_100ep': mcl_100ep}
+  c = bases[preset.pop('base')].get_config()
   preset.pop('steps')
   val = lambda name: getattr(args, name) if getattr(args, name) is not None else preset.get(name)
   if val('depth') is not None:
@@ -97,99 +100,15 @@ def build_config(args):
 
 # ------------------------------------------------------------------ helpers --
 
-def use_xla_neck_conv():
-  """Benchmark-only: the neck's small-region convs back on XLA's convolution.
+def set_small_map_convs(mode: str):
+  """'dense' (the library default) or 'xla': every conv on XLA's convolution.
 
-  `heads.SmallRegionConv` computes the neck's 3x3 convs on <= 2 x 2 regions
-  as dense matmuls; this swaps in a module with the same parameter that calls
-  `lax.conv_general_dilated` (what `nn.Conv` does, the code before that
-  change), to measure the difference in one process.
+  `resnet.Conv` computes convs with <= 2 x 2 output pixels (ResNet layer3/4,
+  FPN P4/P5 and the neck's regions on <= 64 px canvases) as dense matmuls;
+  'xla' turns that off, to measure the difference in one process.
   """
-  import flax.linen as nn
-  import jax
-  import jax.numpy as jnp
-  from mcl_jax import heads
-
-  class XlaRegionConv(nn.Module):
-    features: int
-    dtype: object = jnp.float32
-
-    @nn.compact
-    def __call__(self, x):
-      kernel = self.param('kernel', heads.conv_init, (3, 3, x.shape[-1], self.features),
-                          jnp.float32)
-      return jax.lax.conv_general_dilated(
-          x.astype(self.dtype), kernel.astype(self.dtype), (1, 1), ((1, 1), (1, 1)),
-          dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
-
-  heads.SmallRegionConv = XlaRegionConv
-
-
-def dense_small_map_conv(x, kernel, strides, padding):
-  """An NHWC conv whose output is at most 2 x 2, as one dense matmul per image.
-
-  Input pixel q reaches output pixel p through tap t when q = s * p + t - pad
-  (per axis); the [H*W*C_in, H'*W'*C_out] weight is assembled from the kernel
-  with that static 0/1 selection (the math of heads.SmallRegionConv, for any
-  stride / padding).
-  """
-  import jax.numpy as jnp
-  import numpy as np
-  n, h, w, cin = x.shape
-  kh, kw, _, cout = kernel.shape
-  (pt, pb), (pl, pr) = padding
-  ho, wo = (h + pt + pb - kh) // strides[0] + 1, (w + pl + pr - kw) // strides[1] + 1
-  sel = np.zeros((h * w, ho * wo, kh * kw), np.float32)
-  for qy in range(h):
-    for qx in range(w):
-      for py in range(ho):
-        for px in range(wo):
-          ty, tx = qy - strides[0] * py + pt, qx - strides[1] * px + pl
-          if 0 <= ty < kh and 0 <= tx < kw:
-            sel[qy * w + qx, py * wo + px, ty * kw + tx] = 1.0
-  big = jnp.einsum('qpt,tcd->qcpd', jnp.asarray(sel, kernel.dtype),
-                   kernel.reshape(kh * kw, cin, cout)).reshape(h * w * cin, ho * wo * cout)
-  return (x.reshape(n, -1) @ big).reshape(n, ho, wo, cout)
-
-
-def use_dense_small_map_convs():
-  """Benchmark-only experiment: every 3x3 conv with an output of <= 2 x 2 pixels
-  (ResNet layer4 and FPN P5 at 64 px canvases) as a dense matmul.
-
-  XLA's CPU convolution is 10-150x slower than oneDNN's on such maps
-  (benchmarks/conv_micro.py); this patches `flax.linen.Conv` (same parameters,
-  same function up to float summation order) to measure what a library change
-  there would save. Not used by the library.
-  """
-  import flax.linen as nn
-  from flax.linen import linear
-
-  base = linear.Conv
-
-  class Conv(base):
-
-    @nn.compact
-    def __call__(self, inputs):
-      ks = tuple(self.kernel_size)
-      st = 1 if self.strides is None else self.strides
-      strides = (st,) * len(ks) if isinstance(st, int) else tuple(st)
-      pad = self.padding
-      explicit = (isinstance(pad, (tuple, list)) and len(pad) == 2
-                  and all(isinstance(p, (tuple, list)) for p in pad))
-      if (ks == (3, 3) and explicit and inputs.ndim == 4 and not self.use_bias
-          and self.feature_group_count == 1 and self.kernel_dilation in (None, 1, (1, 1))
-          and self.input_dilation in (None, 1, (1, 1))):
-        ho = (inputs.shape[1] + sum(pad[0]) - 3) // strides[0] + 1
-        wo = (inputs.shape[2] + sum(pad[1]) - 3) // strides[1] + 1
-        if ho * wo <= 4:
-          kernel = self.param('kernel', self.kernel_init, (3, 3, inputs.shape[-1], self.features),
-                              self.param_dtype)
-          dtype = self.dtype or inputs.dtype
-          return dense_small_map_conv(inputs.astype(dtype), kernel.astype(dtype), strides,
-                                      tuple(tuple(p) for p in pad))
-      return super().__call__(inputs)
-
-  nn.Conv = Conv
+  from mcl_jax import resnet
+  resnet.DENSE_MAX_OUTPUT_PIXELS = {'dense': 4, 'xla': 0}[mode]
 
 
 def _flops(compiled) -> float:
@@ -322,7 +241,7 @@ def bench_step(config, args) -> dict:
          'dtype': config.model.dtype, 'neck_regions': config.model.neck_regions,
          'region_path': config.model.region_path,
          'target_whole_crops_only': bool(config.model.target_whole_crops_only),
-         'neck_conv': args.neck_conv, 'small_map_convs': args.small_map_convs}
+         'small_map_convs': args.small_map_convs}
   print('config:', json.dumps(res), flush=True)
   mesh, state, crops, labels, step = setup(config, ndev)
   with log_compiles() as counter, warnings.catch_warnings(record=True) as caught:
@@ -374,7 +293,7 @@ def bench_step(config, args) -> dict:
 # ---------------------------------------------------------------------- A/B --
 
 AB_FIELDS = {'neck_regions': str, 'target_whole_crops_only': lambda v: bool(int(v)),
-             'dtype': str, 'region_path': str, 'neck_conv': str, 'small_map_convs': str}
+             'dtype': str, 'region_path': str, 'small_map_convs': str}
 
 
 def parse_ab(spec: str) -> dict:
@@ -397,7 +316,6 @@ def ab_compare(config, args) -> dict:
   """
   import jax
   from mcl_jax import config_validation
-  from mcl_jax import heads
   ndev = args.devices or jax.local_device_count()
   config.optim.global_batch = args.batch_value * ndev
   overrides = parse_ab(args.ab)
@@ -405,28 +323,21 @@ def ab_compare(config, args) -> dict:
   for k, v in overrides.items():
     if k == 'dtype':
       variant.model.dtype = v
-    elif k not in ('neck_conv', 'small_map_convs'):
+    elif k != 'small_map_convs':
       setattr(variant.model, k, v)
   sides = {}
   for name, cfg in (('baseline', config), ('variant', variant)):
     config_validation.validate(cfg, ndev)
-    xla = (args.neck_conv == 'xla') if name == 'baseline' else (
-        overrides.get('neck_conv', args.neck_conv) == 'xla')
-    dense = (args.small_map_convs == 'dense') if name == 'baseline' else (
-        overrides.get('small_map_convs', args.small_map_convs) == 'dense')
-    import flax.linen as nn
-    original, original_conv = heads.SmallRegionConv, nn.Conv
-    if xla:
-      use_xla_neck_conv()
-    if dense:
-      use_dense_small_map_convs()
+    mode = args.small_map_convs if name == 'baseline' else overrides.get(
+        'small_map_convs', args.small_map_convs)
+    set_small_map_convs(mode)
     try:
       mesh, state, crops, labels, step = setup(cfg, ndev)
       t = time.perf_counter()
       compiled = step.lower(state, crops, labels).compile()
       compile_s = time.perf_counter() - t
     finally:
-      heads.SmallRegionConv, nn.Conv = original, original_conv
+      set_small_map_convs(args.small_map_convs)
     print(f'{name}: compiled in {compile_s:.1f} s', flush=True)
     sides[name] = {'compiled': compiled, 'state': state, 'crops': crops, 'labels': labels,
                    'compile_s': compile_s, 'flops': _flops(compiled),
@@ -434,8 +345,7 @@ def ab_compare(config, args) -> dict:
                    'options': {'neck_regions': cfg.model.neck_regions,
                                'target_whole_crops_only': bool(cfg.model.target_whole_crops_only),
                                'dtype': cfg.model.dtype, 'region_path': cfg.model.region_path,
-                               'neck_conv': 'xla' if xla else 'default',
-                               'small_map_convs': 'dense' if dense else 'default'}}
+                               'small_map_convs': mode}}
   for r in range(0 if args.compile_only else args.warmup + args.steps):
     order = ('baseline', 'variant') if r % 2 == 0 else ('variant', 'baseline')
     this_round = {}
@@ -658,7 +568,7 @@ def print_table(res: dict):
                 f"group {res['group_size']}"),
       ('options', f"neck_regions={res['neck_regions']}, region_path={res['region_path']}, "
                   f"target_whole_crops_only={res['target_whole_crops_only']}, "
-                  f"neck_conv={res['neck_conv']}"),
+                  f"small_map_convs={res['small_map_convs']}"),
       ('compile', f"{res['lower_s']:.1f} s trace+lower, {res['compile_s']:.1f} s compile"),
       ('FLOPs/step', f"{res['flops_per_step'] / 1e9:.2f} GFLOP per device (cost analysis)"),
   ]
@@ -718,12 +628,9 @@ def main(argv=None):
   p.add_argument('--neck-regions', choices=('all', 'used'))
   p.add_argument('--region-path', choices=('reshape', 'roi_align'))
   p.add_argument('--target-whole-crops-only', type=int, choices=(0, 1))
-  p.add_argument('--neck-conv', choices=('default', 'xla'), default='default',
-                 help="'xla': the neck's <= 2x2-region convs as XLA convolutions (the "
-                      "code before heads.SmallRegionConv), for before/after timings")
-  p.add_argument('--small-map-convs', choices=('default', 'dense'), default='default',
-                 help="'dense' (experiment, not the library): every 3x3 conv with a <= 2x2 "
-                      "output as a dense matmul (ResNet layer4 / FPN P5 at 64 px)")
+  p.add_argument('--small-map-convs', choices=('dense', 'xla'), default='dense',
+                 help="'dense' (library default): convs with <= 2x2 outputs as dense "
+                      "matmuls (resnet.Conv); 'xla': all on XLA's convolution")
   p.add_argument('--devices', type=int, help='devices of the mesh (default: all local)')
   p.add_argument('--steps', type=int, help='timed steps (preset default)')
   p.add_argument('--warmup', type=int, default=1, help='untimed steps after the compile')
@@ -734,7 +641,7 @@ def main(argv=None):
   p.add_argument('--breakdown', action='store_true', help='time the parts of the step')
   p.add_argument('--breakdown-reps', type=int, default=3)
   p.add_argument('--ab', help='A/B: variant = the config with these overrides, e.g. '
-                 'neck_regions=used or target_whole_crops_only=1 or neck_conv=xla or '
+                 'neck_regions=used or target_whole_crops_only=1 or small_map_convs=xla or '
                  'dtype=bfloat16; both compiled here, steps alternated')
   p.add_argument('--json', help='write the results here')
   args = p.parse_args(argv)
@@ -751,10 +658,7 @@ def main(argv=None):
     print()
     print_ab(res)
   else:
-    if args.neck_conv == 'xla':
-      use_xla_neck_conv()
-    if args.small_map_convs == 'dense':
-      use_dense_small_map_convs()
+    set_small_map_convs(args.small_map_convs)
     res = bench_step(config, args)
     print()
     print_table(res)

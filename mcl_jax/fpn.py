@@ -6,7 +6,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mcl_jax.resnet import batch_norm, conv_init, pad
+from mcl_jax.resnet import Conv, batch_norm, conv_init, pad
 
 
 def upsample_nearest(x, factor: int = 2):
@@ -29,17 +29,17 @@ class FPN(nn.Module):
     """Maps {'C2'..'C5'} to {'P2'..'P5'} (strides 4..32)."""
     lat = {}
     for level in range(2, 6):
-      y = nn.Conv(self.channels, (1, 1), use_bias=False, dtype=self.dtype,
-                  param_dtype=jnp.float32, kernel_init=conv_init,
-                  name=f'lateral{level}_conv')(feats[f'C{level}'])
+      y = Conv(self.channels, (1, 1), use_bias=False, dtype=self.dtype,
+              param_dtype=jnp.float32, kernel_init=conv_init,
+              name=f'lateral{level}_conv')(feats[f'C{level}'])
       lat[level] = batch_norm(train, self.dtype, f'lateral{level}_bn')(y)
     # Top-down: each level adds the (already summed) coarser one.
     for level in (4, 3, 2):
       lat[level] = lat[level] + upsample_nearest(lat[level + 1])
     outs = {}
     for level in range(2, 6):
-      y = nn.Conv(self.channels, (3, 3), padding=pad(3), use_bias=False,
-                  dtype=self.dtype, param_dtype=jnp.float32, kernel_init=conv_init,
-                  name=f'output{level}_conv')(lat[level])
+      y = Conv(self.channels, (3, 3), padding=pad(3), use_bias=False,
+              dtype=self.dtype, param_dtype=jnp.float32, kernel_init=conv_init,
+              name=f'output{level}_conv')(lat[level])
       outs[f'P{level}'] = batch_norm(train, self.dtype, f'output{level}_bn')(y)
     return outs

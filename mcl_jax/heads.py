@@ -12,9 +12,8 @@ from typing import Any, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
-import numpy as np
 
-from mcl_jax.resnet import BN_EPS, BN_MOMENTUM, conv_init
+from mcl_jax.resnet import BN_EPS, BN_MOMENTUM, Conv, conv_init
 
 # Reference neck Linear layers: kaiming_init(mode='fan_in', relu), bias 0.
 neck_dense_init = nn.initializers.variance_scaling(2.0, 'fan_in', 'normal')
@@ -66,43 +65,6 @@ class GroupedBatchNorm(nn.Module):
     return y.astype(self.dtype)
 
 
-class SmallRegionConv(nn.Module):
-  """3x3 conv, stride 1, zero padding 1, no bias, on tiny k x k regions (k <= 2).
-
-  The same parameter ('kernel', [3, 3, C_in, C_out]) and the same function as
-  the `nn.Conv` it replaces, computed as one dense matmul per region: output
-  pixel p takes input pixel q through tap q - p + 1 whenever that tap lies in
-  the 3x3 kernel, so the region is a [k*k*C_in] -> [k*k*C_out] linear map
-  whose weight is assembled from the kernel (a static 0/1 selection). This
-  skips the multiplications by the padding's zeros (2.25x fewer FLOPs at
-  k = 2, 9x at k = 1) and avoids XLA's CPU convolution on thousands of 2 x 2
-  maps, which runs about 25x slower than PyTorch's (benchmarks/conv_micro.py,
-  docs/PERFORMANCE.md). Results equal the convolution's up to float
-  summation order. Used for canvases of at most 64 px (regions <= 2 x 2); the
-  reference 224 px canvases (7 x 7 regions) keep `nn.Conv`.
-  """
-  features: int
-  dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x):
-    _, kh, kw, cin = x.shape
-    kernel = self.param('kernel', conv_init, (3, 3, cin, self.features), jnp.float32)
-    x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)  # as nn.Conv
-    pix = [(a, b) for a in range(kh) for b in range(kw)]
-    sel = np.zeros((len(pix), len(pix), 9), np.float32)  # [q, p, tap]
-    for qi, (qy, qx) in enumerate(pix):
-      for pi, (py, px) in enumerate(pix):
-        dy, dx = qy - py + 1, qx - px + 1
-        if 0 <= dy < 3 and 0 <= dx < 3:
-          sel[qi, pi, dy * 3 + dx] = 1.0
-    w = jnp.einsum('qpt,tcd->qcpd', jnp.asarray(sel, self.dtype),
-                   kernel.reshape(9, cin, self.features))
-    w = w.reshape(len(pix) * cin, len(pix) * self.features)
-    y = x.reshape(x.shape[0], -1) @ w
-    return y.reshape(x.shape[0], kh, kw, self.features)
-
-
 class RegionNeck(nn.Module):
   """The reference `DetConvGpNonLinearHead`: convs on each region, pool, MLP.
 
@@ -119,14 +81,11 @@ class RegionNeck(nn.Module):
   def __call__(self, regions, group_sizes: Sequence[int], train: bool = True):
     """Maps regions [R, k, k, C] to embeddings [R, out_dim] (float32)."""
     x = regions
-    small = max(regions.shape[1:3]) <= 2  # <= 64 px canvases: see SmallRegionConv
     for k in range(1, self.num_convs + 1):
-      if small:
-        x = SmallRegionConv(self.channels, self.dtype, name=f'conv{k}')(x)
-      else:
-        x = nn.Conv(self.channels, (3, 3), padding=((1, 1), (1, 1)), use_bias=False,
-                    dtype=self.dtype, param_dtype=jnp.float32, kernel_init=conv_init,
-                    name=f'conv{k}')(x)
+      # Regions of <= 2 x 2 (canvases of <= 64 px) take Conv's dense-matmul path.
+      x = Conv(self.channels, (3, 3), padding=((1, 1), (1, 1)), use_bias=False,
+               dtype=self.dtype, param_dtype=jnp.float32, kernel_init=conv_init,
+               name=f'conv{k}')(x)
       x = nn.relu(GroupedBatchNorm(dtype=self.dtype, name=f'bn{k}')(x, group_sizes, train))
     x = x.astype(jnp.float32).mean(axis=(1, 2)).astype(self.dtype)
     x = nn.Dense(self.hidden, dtype=self.dtype, param_dtype=jnp.float32,

@@ -11,6 +11,7 @@ from typing import Any, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
+import numpy as np
 
 # Kaiming normal, fan_out, for ReLU: torchvision's / the reference's conv init.
 conv_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
@@ -33,6 +34,82 @@ def pad(k: int) -> tuple[tuple[int, int], tuple[int, int]]:
   return ((p, p), (p, p))
 
 
+# Convolutions whose output has at most this many pixels run as one dense
+# matmul per image (see `Conv`); 0 sends every conv to XLA's convolution (the
+# benchmarks' before/after switch).
+DENSE_MAX_OUTPUT_PIXELS = 4
+
+
+def dense_conv(x, kernel, strides: tuple[int, int], padding) -> jnp.ndarray:
+  """NHWC convolution computed as one dense matmul per image.
+
+  Input pixel q reaches output pixel p through tap t when q = s * p + t - pad
+  (per axis), so the whole conv is a linear map [H*W*C_in] -> [H'*W'*C_out]
+  whose weight is assembled from the kernel with a static 0/1 selection. The
+  padding's zeros are never multiplied, and on maps of a few pixels this is
+  much faster than XLA's CPU convolution (docs/PERFORMANCE.md). The weight has
+  H*W*H'*W' * C_in*C_out entries, so this only pays for tiny maps.
+
+  Args:
+    x: [N, H, W, C_in].
+    kernel: [kh, kw, C_in, C_out] (HWIO, as nn.Conv).
+    strides: (sy, sx).
+    padding: ((top, bottom), (left, right)).
+
+  Returns:
+    [N, H', W', C_out], equal to the convolution up to summation order.
+  """
+  n, h, w, cin = x.shape
+  kh, kw, _, cout = kernel.shape
+  (pt, pb), (pl, pr) = padding
+  ho, wo = (h + pt + pb - kh) // strides[0] + 1, (w + pl + pr - kw) // strides[1] + 1
+  sel = np.zeros((h * w, ho * wo, kh * kw), np.float32)  # [input pixel, output pixel, tap]
+  for py in range(ho):
+    for px in range(wo):
+      for ty in range(kh):
+        for tx in range(kw):
+          qy, qx = strides[0] * py + ty - pt, strides[1] * px + tx - pl
+          if 0 <= qy < h and 0 <= qx < w:
+            sel[qy * w + qx, py * wo + px, ty * kw + tx] = 1.0
+  big = jnp.einsum('qpt,tcd->qcpd', jnp.asarray(sel, kernel.dtype),
+                   kernel.reshape(kh * kw, cin, cout)).reshape(h * w * cin, ho * wo * cout)
+  return (x.reshape(n, h * w * cin) @ big).reshape(n, ho, wo, cout)
+
+
+class Conv(nn.Conv):
+  """`nn.Conv` with a dense-matmul path for maps of at most 2 x 2 output pixels.
+
+  Same parameter ('kernel', HWIO) and same function. Kernels larger than 1x1
+  with explicit padding and tiny outputs (ResNet layer3/4, FPN P4/P5 and the
+  neck's regions on 32-64 px canvases) go through `dense_conv`: XLA's CPU
+  convolution runs 10-70x slower than PyTorch's on such maps
+  (benchmarks/conv_micro.py). The reference 224 px canvases never take this
+  path (their smallest maps are 7 x 7), so accelerator runs are unaffected.
+  """
+
+  @nn.compact
+  def __call__(self, inputs):
+    ks = tuple(self.kernel_size)
+    st = self.strides if self.strides is not None else 1
+    strides = (st, st) if isinstance(st, int) else tuple(st)
+    pad_ = self.padding
+    explicit = (isinstance(pad_, (tuple, list)) and len(pad_) == 2
+                and all(isinstance(p, (tuple, list)) and len(p) == 2 for p in pad_))
+    plain = (inputs.ndim == 4 and ks[0] * ks[1] > 1 and explicit and not self.use_bias
+             and self.feature_group_count == 1 and self.kernel_dilation in (None, 1, (1, 1))
+             and self.input_dilation in (None, 1, (1, 1)))
+    if plain:
+      ho = (inputs.shape[1] + sum(pad_[0]) - ks[0]) // strides[0] + 1
+      wo = (inputs.shape[2] + sum(pad_[1]) - ks[1]) // strides[1] + 1
+      if ho * wo <= DENSE_MAX_OUTPUT_PIXELS:
+        kernel = self.param('kernel', self.kernel_init, ks + (inputs.shape[-1], self.features),
+                            self.param_dtype)
+        dtype = self.dtype or jnp.result_type(inputs.dtype, self.param_dtype)
+        return dense_conv(inputs.astype(dtype), kernel.astype(dtype), strides,
+                          tuple(tuple(p) for p in pad_))
+    return super().__call__(inputs)
+
+
 def batch_norm(train: bool, dtype: Any, name: str, scale_init=nn.initializers.ones):
   return nn.BatchNorm(
       use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPS,
@@ -48,7 +125,7 @@ class BasicBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool):
-    conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype,
+    conv = functools.partial(Conv, use_bias=False, dtype=self.dtype,
                              param_dtype=jnp.float32, kernel_init=conv_init)
     y = conv(self.features, (3, 3), (self.stride, self.stride), pad(3), name='conv1')(x)
     y = nn.relu(batch_norm(train, self.dtype, 'bn1')(y))
@@ -66,7 +143,7 @@ class Bottleneck(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool):
-    conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype,
+    conv = functools.partial(Conv, use_bias=False, dtype=self.dtype,
                              param_dtype=jnp.float32, kernel_init=conv_init)
     y = conv(self.features, (1, 1), name='conv1')(x)
     y = nn.relu(batch_norm(train, self.dtype, 'bn1')(y))
@@ -81,7 +158,7 @@ def _shortcut(block: nn.Module, x, out_features: int, train: bool):
   """Identity, or 1x1 conv (stride) + BN when the shape changes (torchvision 'downsample')."""
   if x.shape[-1] == out_features and block.stride == 1:
     return x
-  y = nn.Conv(out_features, (1, 1), (block.stride, block.stride), use_bias=False,
+  y = Conv(out_features, (1, 1), (block.stride, block.stride), use_bias=False,
               dtype=block.dtype, param_dtype=jnp.float32, kernel_init=conv_init,
               name='downsample_conv')(x)
   return batch_norm(train, block.dtype, 'downsample_bn')(y)
@@ -122,7 +199,7 @@ class ResNet(nn.Module):
       raise ValueError(f'model.depth={self.depth}: must be one of {sorted(STAGE_SIZES)}')
     stages = tuple(self.stage_sizes or STAGE_SIZES[self.depth])
     x = x.astype(self.dtype)
-    x = nn.Conv(self.width, (7, 7), (2, 2), padding=pad(7), use_bias=False,
+    x = Conv(self.width, (7, 7), (2, 2), padding=pad(7), use_bias=False,
                 dtype=self.dtype, param_dtype=jnp.float32, kernel_init=conv_init,
                 name='conv1')(x)
     x = nn.relu(batch_norm(train, self.dtype, 'bn1')(x))

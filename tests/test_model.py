@@ -161,6 +161,44 @@ def test_resnet_matches_torch_padding(block, size):
   assert [ref[k].shape[1] for k in ('C2', 'C3', 'C4', 'C5')] == sizes
 
 
+@pytest.mark.parametrize('hw,k,stride,padding', [
+    ((1, 1), 3, 1, 1), ((2, 2), 3, 1, 1), ((3, 2), 3, 1, 1), ((4, 4), 3, 2, 1),
+    ((3, 3), 3, 2, 1), ((2, 2), 3, 2, 1), ((4, 4), 7, 2, 3), ((3, 3), 3, (1, 2), (0, 1)),
+    ((8, 8), 3, 2, 1)])  # the last one has 4 x 4 outputs: XLA's convolution
+def test_conv_dense_path_matches_xla_convolution(hw, k, stride, padding):
+  """resnet.Conv's matmul path for <= 2x2 outputs equals lax's convolution,
+  forward and both gradients (random inputs and kernels, tol 1e-5 relative)."""
+  from mcl_jax import resnet
+  rng = np.random.default_rng(sum(hw) * 10 + k)
+  pads = padding if isinstance(padding, tuple) else (padding, padding)
+  strides = stride if isinstance(stride, tuple) else (stride, stride)
+  conv = resnet.Conv(6, (k, k), strides, padding=tuple((p, p) for p in pads), use_bias=False)
+  x = jnp.asarray(rng.standard_normal((3, *hw, 5)), jnp.float32)
+  kernel = jnp.asarray(rng.standard_normal((k, k, 5, 6)), jnp.float32)
+
+  def ours(x, kernel):
+    return conv.apply({'params': {'kernel': kernel}}, x)
+
+  def ref(x, kernel):
+    return jax.lax.conv_general_dilated(x, kernel, strides, tuple((p, p) for p in pads),
+                                        dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+                                        precision='highest')
+
+  got, want = ours(x, kernel), ref(x, kernel)
+  assert got.shape == want.shape
+  dense = got.shape[1] * got.shape[2] <= resnet.DENSE_MAX_OUTPUT_PIXELS
+  hlo = str(jax.make_jaxpr(ours)(x, kernel))
+  assert ('conv_general_dilated' not in hlo) == dense
+  cot = jnp.asarray(rng.standard_normal(want.shape), jnp.float32)
+  g_got = jax.grad(lambda a, b: jnp.sum(ours(a, b) * cot), (0, 1))(x, kernel)
+  g_want = jax.grad(lambda a, b: jnp.sum(ref(a, b) * cot), (0, 1))(x, kernel)
+  errs = [float(jnp.abs(a - b).max() / jnp.abs(b).max())
+          for a, b in zip((got, *g_got), (want, *g_want))]
+  print(f'Conv {hw} k{k} s{stride} p{padding} dense={dense}: rel err fwd / dx / dk '
+        f'{errs[0]:.1e} / {errs[1]:.1e} / {errs[2]:.1e} (tol {TOL})')
+  assert max(errs) <= TOL
+
+
 # ----------------------------------------------------------- whole model + loss
 #
 # Compiling the tiny model's loss dominates this file's runtime, so one jitted

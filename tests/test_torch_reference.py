@@ -12,9 +12,9 @@ each tensor's largest entry (floored at 1e-4 of the largest gradient).
 Two configs: test_tiny (32 px: every region is 1 x 1) and the same network at
 64 px (2 x 2 regions, so the neck's 3x3 convs see a zero-padded border),
 both with neck_regions='all' (the reference) and two montage groups. At
-these region sizes JAX computes the neck's convs as dense matmuls
-(`heads.SmallRegionConv`); PyTorch runs real convolutions, so this also
-checks that path against `conv2d`.
+these sizes JAX computes every conv with a <= 2 x 2 output (the neck's
+regions, layer3/4, P4/P5) as dense matmuls (`resnet.Conv`); PyTorch runs
+real convolutions, so this also checks that path against `conv2d`.
 """
 
 import re
