@@ -2,20 +2,23 @@
 
 Run:  python main.py --config=configs/demo.py --workdir=runs/demo
 
-Hardware: any CPU; about 5 minutes on 2 cores. A narrow ResNet-18-style FPN
-sees 32 px canvases, so every montage level maps to one 1x1 region on its FPN
+Hardware: any CPU; about 4-5 minutes on 2 cores (600 steps of batch 64, about
+27 epochs of the 1,438 training digits). A narrow ResNet-18-style FPN sees
+32 px canvases, so every montage level maps to one 1x1 region on its FPN
 level (32 / 32) and the reference's reshape path works unchanged (level-3
-tiles are 4 px: too small to identify a digit, so levels 2-3 stay near
-chance). Expect the total loss to fall from about 3.47 to about 2.7 and the
-level-0 positive cosine to rise from 0 to about 0.5; at the end a table of
-held-out kNN / linear-probe top-1 of a random init beside the pretrained
-backbone (see docs and the closing notes: on digits, 300 steps do not yet
-beat the random-feature kNN baseline).
+tiles are 4 px, so levels 2-3 learn least). Expect the total loss to fall
+from 3.47 to about 2.06 and the level-0 positive cosine to rise from 0 to
+about 0.8 (negatives stay near 0). At the end it prints held-out kNN / linear-probe top-1 of a random
+init beside the pretrained backbone: measured 0.866 -> 0.905 kNN and
+0.939 -> 0.972 linear (seed 0), 0.866 -> 0.903 / 0.914 -> 0.958 (seed 1).
 
-Departures from the 100-epoch recipe, all for a 32 px, 300-step CPU run:
+Departures from the 100-epoch recipe, all for a 32 px, 600-step CPU run:
 tau 0.2 (a visible loss range), trust coefficient 0.02 (LARS at batch 64
-would otherwise move weights by 0.025% a step), gentler crops and no blur or
-flips (a sigma-2 blur and a 20% crop erase a 32 px digit).
+would otherwise move weights by 0.025% a step) with base_lr 0.5, gentler
+crops and no blur or flips (a sigma-2 blur and a 20% crop erase a 32 px
+digit). The learning rate matters most here: at base_lr 2 the same run
+collapses the pooled C5 features to an effective rank of about 4 (17.7 at
+init, 8.3 at base_lr 0.5) and ends below the random-init kNN (0.78-0.87).
 """
 
 from configs import mcl_100ep
@@ -43,11 +46,11 @@ def get_config():
   c.montage.group_size = 32
   c.loss.tau = 0.2
   c.optim.global_batch = 64
-  c.optim.base_lr = 2.0
+  c.optim.base_lr = 0.5
   c.optim.trust_coefficient = 0.02
-  c.optim.num_steps = 300
+  c.optim.num_steps = 600
   c.optim.warmup_steps = 10
   c.log_every = 25
-  c.checkpoint_every = 50
+  c.checkpoint_every = 100
   c.eval_knn_at_end = True
   return c

@@ -17,6 +17,7 @@ def get_config():
   c.objective = 'supervised'
   c.data.crop_scale = (0.6, 1.0)
   c.augment.jitter_p = (0.0, 0.0)
+  c.optim.base_lr = 2.0  # measured at this rate (demo.py uses 0.5 for its 600 steps)
   c.optim.num_steps = 100
   c.optim.warmup_steps = 5
   return c

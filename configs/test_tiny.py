@@ -20,6 +20,7 @@ def get_config():
   c.montage.group_size = 8
   c.montage.canvas_divisors = (1, 4, 8, 8)  # at least one canvas per level
   c.optim.global_batch = 16
+  c.optim.base_lr = 2.0  # tests were sized with the demo's former rate
   c.optim.num_steps = 6
   c.optim.warmup_steps = 2
   c.log_every = 1
