@@ -419,11 +419,18 @@ def test_non_finite_loss_stops_and_no_non_finite_state_is_saved(tmp_path):
 
 def test_second_signal_is_not_swallowed():
   """The first SIGINT is a stop request; a second one interrupts at once."""
+  # raise_signal delivers to this (the main) thread; os.kill may pick another
+  # thread, whose C handler can run later than a fixed sleep on a loaded box.
+  # The polls below give delivery up to 5 s and end as soon as it happens.
   with train._StopSignal() as stop:
     assert not stop.should_stop(0)
-    os.kill(os.getpid(), signal.SIGINT)
-    time.sleep(0.01)
+    signal.raise_signal(signal.SIGINT)
+    for _ in range(500):
+      if stop.received:
+        break
+      time.sleep(0.01)
     assert stop.received == 'SIGINT' and stop.should_stop(1)
     with pytest.raises(KeyboardInterrupt):
-      os.kill(os.getpid(), signal.SIGINT)
-      time.sleep(0.01)
+      signal.raise_signal(signal.SIGINT)
+      for _ in range(500):
+        time.sleep(0.01)
