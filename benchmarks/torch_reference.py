@@ -481,6 +481,7 @@ def speed_ratio(name: str, pairs: int, warmup: int, neck_regions: str | None = N
   import jax
   import jax.numpy as jnp
   from mcl_jax import model as model_lib
+  from mcl_jax import resnet
   from mcl_jax import train
 
   config = _config(name)
@@ -559,13 +560,8 @@ def speed_ratio(name: str, pairs: int, warmup: int, neck_regions: str | None = N
       'jax_compile_s': compile_s, 'jax_flops_per_step': flops,
       'jax_tflops': flops / mj / 1e12, 'torch_tflops_same_flops': flops / mt / 1e12,
       'torch_threads': torch.get_num_threads(),
-      'jax_small_map_convs': 'dense' if _resnet().DENSE_MAX_OUTPUT_PIXELS else 'xla',
+      'jax_small_map_convs': 'dense' if resnet.DENSE_MAX_OUTPUT_PIXELS else 'xla',
   }
-
-
-def _resnet():
-  from mcl_jax import resnet  # pylint: disable=import-outside-toplevel
-  return resnet
 
 
 def _jax_cores() -> int:
@@ -592,8 +588,8 @@ def main(argv=None):
                       "matmuls (resnet.Conv); 'xla': all on XLA's convolution")
   p.add_argument('--json', default=None, help='write the results here')
   args = p.parse_args(argv)
-  from mcl_jax import resnet  # pylint: disable=import-outside-toplevel
-  resnet.DENSE_MAX_OUTPUT_PIXELS = 0 if args.jax_small_map_convs == 'xla' else 4
+  from benchmarks import train_step  # pylint: disable=import-outside-toplevel
+  train_step.set_small_map_convs(args.jax_small_map_convs)
 
   os.environ.setdefault('JAX_PLATFORMS', 'cpu')
   torch.set_num_threads(args.threads or _jax_cores())
