@@ -5,7 +5,7 @@ Two uses:
 * Numerical cross-check (tests/test_torch_reference.py): weights copied from a
   JAX init, the same pre-assembled canvases and tile labels, float32 and
   train-mode BatchNorm; `loss_from_canvases` must reproduce
-  `mcl_jax.model.mcl_loss_fn` (loss and per-level loss / pos_cos / neg_cos).
+  `mcl_jax.objective.self_supervised_batch_loss` (loss and per-level loss / pos_cos / neg_cos).
 * Speed ratio (`python benchmarks/torch_reference.py`): JAX step time over
   PyTorch step time for identical work (montage assembly, online forward +
   backward of both views, target forward of both views, the loss; no
@@ -32,7 +32,6 @@ import math
 import os
 import re
 import statistics
-import sys
 import time
 from typing import Sequence
 
@@ -482,15 +481,17 @@ def speed_ratio(name: str, pairs: int, warmup: int, neck_regions: str | None = N
   import jax.numpy as jnp
   from mcl_jax import model as model_lib
   from mcl_jax import resnet
-  from mcl_jax import train
+  from mcl_jax import montage, objective
+  from mcl_jax import state as state_lib
 
   config = _config(name)
   if neck_regions:
     config.model.neck_regions = neck_regions
-  layout = train.layout_for(config)
+  layout = montage.layout_for(config)
   net = model_lib.create_model(config)
   b, s = config.optim.global_batch, config.data.image_size
-  state = jax.jit(lambda k: train.create_train_state(config, k))(jax.random.key(seed))
+  tx = state_lib.create_optimizer(config, 1)
+  state = jax.jit(lambda k: state_lib.create_train_state(config, k, tx))(jax.random.key(seed))
   rng = np.random.default_rng(seed)
   crops = rng.standard_normal((b, 8, s, s, 3)).astype(np.float32)
   kw = dict(tau=config.loss.tau, level_weights=tuple(config.loss.level_weights),
@@ -498,8 +499,8 @@ def speed_ratio(name: str, pairs: int, warmup: int, neck_regions: str | None = N
 
   def loss_and_grad(params, batch_stats, target_vars, crops, key):
     return jax.value_and_grad(
-        lambda p: model_lib.mcl_loss_fn(net, p, batch_stats, target_vars, crops, key,
-                                        layout, **kw), has_aux=True)(params)
+        lambda p: objective.self_supervised_batch_loss(
+            net, p, batch_stats, target_vars, crops, key, layout, **kw), has_aux=True)(params)
 
   jfn = jax.jit(loss_and_grad)
   tv = {'params': state.target_params, 'batch_stats': state.target_batch_stats}
@@ -620,5 +621,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   main()

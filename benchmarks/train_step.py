@@ -46,11 +46,9 @@ import logging
 import os
 import re
 import statistics
-import sys
 import time
 import warnings
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 PRESETS = {
     # configs/test_tiny.py as it is: 32 px, ResNet-18-style (1, 1, 1, 1) trunk of width 8.
@@ -206,11 +204,12 @@ def setup(config, num_devices):
   import jax
   import jax.numpy as jnp
   from jax.sharding import NamedSharding, PartitionSpec as P
-  from mcl_jax import train
-  mesh = train.make_mesh(num_devices)
+  from mcl_jax import state as state_lib, train
+  mesh = state_lib.make_mesh(num_devices)
   rep, shard = NamedSharding(mesh, P()), NamedSharding(mesh, P('data'))
   num_steps = config.optim.num_steps
-  state = jax.jit(lambda k: train.create_train_state(config, k, num_steps),
+  tx = state_lib.create_optimizer(config, num_steps)
+  state = jax.jit(lambda k: state_lib.create_train_state(config, k, tx),
                   out_shardings=rep)(jax.random.key(0))
   b, s = config.optim.global_batch, config.data.image_size
   crops = jax.jit(
@@ -218,7 +217,7 @@ def setup(config, num_devices):
                                    jnp.int32).astype(jnp.uint8),
       out_shardings=shard)(jax.random.key(1))
   labels = jax.device_put(jnp.zeros((b,), jnp.int32), shard)
-  step = train.make_train_step(config, mesh, num_steps)
+  step = train.make_train_step(config, mesh, tx, num_steps)
   return mesh, state, crops, labels, step
 
 
@@ -411,12 +410,12 @@ def breakdown(config, mesh, state, crops_u8, labels, step, args) -> dict:
   """
   import jax
   import jax.numpy as jnp
-  import optax
-  from mcl_jax import augment, losses, model as model_lib, train
+  from mcl_jax import augment, losses, model as model_lib, montage, objective
+  from mcl_jax import state as state_lib
   net = model_lib.create_model(config)
-  layout = train.layout_for(config)
+  layout = montage.layout_for(config)
   num_steps = config.optim.num_steps
-  tx = train.create_optimizer(config, num_steps)
+  tx = state_lib.create_optimizer(config, num_steps)
   levels = tuple(range(layout.num_levels))
   k = config.model.region_size or layout.image_size // 32
   key = jax.random.key(7)
@@ -454,7 +453,7 @@ def breakdown(config, mesh, state, crops_u8, labels, step, args) -> dict:
   def montage_regions(crops, key, feats):
     res = []
     for view in (0, 1):
-      canv, lab = model_lib.view_canvases(crops, view, layout, key, mesh,
+      canv, lab = objective.view_canvases(crops, view, layout, key, mesh,
                                           config.montage.downsample)
       cut = lambda f: model_lib.cut_regions(f, layout, levels, mode, path, k)[0]
       regions, vjp = jax.vjp(cut, feats[view])
@@ -473,7 +472,7 @@ def breakdown(config, mesh, state, crops_u8, labels, step, args) -> dict:
   def target_fwd(tvars, canvases):
     bs, ts = tvars['batch_stats'], []
     for c in canvases:
-      t, bs = model_lib.target_embeddings(net, {'params': tvars['params'], 'batch_stats': bs},
+      t, bs = objective.target_embeddings(net, {'params': tvars['params'], 'batch_stats': bs},
                                           c, layout, config.model.target_whole_crops_only)
       ts.append(t)
     return ts, bs
@@ -495,14 +494,11 @@ def breakdown(config, mesh, state, crops_u8, labels, step, args) -> dict:
   (_, _), grads = add('online_forward_backward', online, st.params, st.batch_stats,
                       canvases, labels_, targets)
 
-  # 5. Optimizer (clip + LARS) + EMA of the target.
-  def opt_ema(params, opt_state, target_params, grads, step):
-    updates, opt_state = tx.update(grads, opt_state, params)
-    params = optax.apply_updates(params, updates)
-    m = train.ema_momentum(step, num_steps, config.optim.ema_base_momentum)
-    tp = optax.incremental_update(model_lib.encoder_subtree(params), target_params, 1.0 - m)
-    return params, opt_state, tp
-  add('optimizer_ema', opt_ema, st.params, st.opt_state, st.target_params, grads, st.step)
+  # 5. Optimizer (clip + LARS) + EMA of the target: the step's own update.
+  def opt_ema(st, grads):
+    return state_lib.apply_update(st, grads, st.batch_stats, st.target_batch_stats, tx,
+                                  num_steps, config.optim.ema_base_momentum)
+  add('optimizer_ema', opt_ema, st, grads)
 
   # Rounds: the real step, then every part.
   step_times, times = [], {n: [] for n in parts}

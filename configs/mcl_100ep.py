@@ -66,6 +66,8 @@ def get_config():
   c.model = ml_collections.ConfigDict()
   c.model.depth = 50
   c.model.width = 64  # stem / first-stage width; 64 = torchvision
+  c.model.stage_sizes = ml_collections.config_dict.placeholder(tuple)  # None: from depth
+  c.model.block = ml_collections.config_dict.placeholder(str)  # 'basic' | 'bottleneck'; None: from depth
   c.model.fpn_channels = 256
   c.model.neck_convs = 4
   c.model.neck_hidden = 2048

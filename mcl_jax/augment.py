@@ -123,7 +123,7 @@ def settings_from_config(aug_cfg) -> AugmentSettings:
       view_b=view_b,
       mean=tuple(float(m) for m in aug_cfg.mean),
       std=tuple(float(s) for s in aug_cfg.std),
-      blur_kernel_fraction=float(aug_cfg.get('blur_kernel_fraction', 0.1)),
+      blur_kernel_fraction=float(aug_cfg.blur_kernel_fraction),
   )
 
 

@@ -10,7 +10,7 @@ Layout of a workdir:
                        a checkpoint that failed to restore while an older
                        one restored: moved aside so that Orbax neither
                        restores it nor counts it against keep_checkpoints
-  metrics.jsonl, events.* (TensorBoard), montage.png
+  metrics.jsonl, events.* (TensorBoard), montage.png (logs.py, visualize.py)
 
 Resuming restores the newest readable checkpoint. A checkpoint whose arrays
 do not match the current model's shapes is refused (CheckpointError), never
@@ -26,6 +26,8 @@ from absl import logging
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
+
+from mcl_jax import state as state_lib
 
 CONFIG_FILE = 'config.json'
 
@@ -62,7 +64,7 @@ def check_workdir(workdir: str):
         'choose another --workdir or fix its permissions') from e
 
 
-def _write_atomic(path: str, text: str):
+def write_atomic(path: str, text: str):
   """Writes `text` to `path` through a temporary file and a rename."""
   tmp = f'{path}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp'
   try:
@@ -80,7 +82,7 @@ def _write_atomic(path: str, text: str):
 def save_config(workdir: str, config):
   """Writes config.json (process 0), atomically: a kill never leaves half of it."""
   if jax.process_index() == 0:
-    _write_atomic(os.path.join(workdir, CONFIG_FILE),
+    write_atomic(os.path.join(workdir, CONFIG_FILE),
                   config.to_json_best_effort(indent=2, sort_keys=True))
 
 
@@ -95,34 +97,6 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
   except (OSError, ValueError) as e:
     raise CheckpointError(f'{path} cannot be read ({type(e).__name__}: {e})') from e
   return ml_collections.ConfigDict(_tuplify(raw))
-
-
-def truncate_metrics(workdir: str, step: int, name: str = 'metrics.jsonl') -> int:
-  """Drops the lines of steps after `step` (and unparsable ones) from metrics.jsonl.
-
-  Called when a run (re)starts from the checkpoint of `step`: the steps after
-  it are trained again and logged again, so each step keeps exactly one line,
-  the one of the run that is continued. A line cut short by a kill is dropped
-  too. Process 0 only; returns the number of lines dropped.
-  """
-  path = os.path.join(workdir, name)
-  if jax.process_index() != 0 or not os.path.exists(path):
-    return 0
-  with open(path) as f:
-    lines = f.read().splitlines()
-  keep = []
-  for line in lines:
-    try:
-      if int(json.loads(line)['step']) <= step:
-        keep.append(line)
-    except (ValueError, KeyError, TypeError):
-      pass
-  dropped = len(lines) - len(keep)
-  if dropped:
-    _write_atomic(path, ''.join(l + '\n' for l in keep))
-    logging.info('%s: dropped %d line(s) after step %d (they are logged again).',
-                 path, dropped, step)
-  return dropped
 
 
 def _tuplify(x):
@@ -323,11 +297,12 @@ def load_variables(workdir: str, step: int | None = None, which: str = 'online')
   For tools (export, evaluation): rebuilds the model from config.json and
   restores the TrainState on the local devices.
   """
-  from mcl_jax import train  # late import: train imports this module
   if which not in ('online', 'target'):
     raise ValueError(f"which={which!r}: must be 'online' or 'target'")
   config = load_config(workdir)
-  abstract = train.abstract_train_state(config)
+  # Tools need the state's shapes only, which the schedule's length does not
+  # change: the optimizer is built for a one-step run.
+  abstract = state_lib.abstract_train_state(config, state_lib.create_optimizer(config, 1))
   manager = make_manager(workdir, config.keep_checkpoints, async_save=False)
   state, got = restore_latest(manager, abstract, step, quarantine_corrupt=False)
   manager.close()

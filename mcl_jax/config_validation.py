@@ -98,6 +98,11 @@ def validate(config, num_devices: int = 1, num_processes: int = 1):
     _require(m.region_size == d.image_size // 32, 'model.region_size', m.region_size,
              f"the reshape path cuts image_size/32 = {d.image_size // 32} pixel regions; "
              "use region_path='roi_align' for another size")
+  _require(m.block in (None, 'basic', 'bottleneck'), 'model.block', m.block,
+           "must be 'basic', 'bottleneck' or None (from model.depth)")
+  _require(m.stage_sizes is None or (len(m.stage_sizes) == 4 and all(
+      _is_int(n) and n >= 1 for n in m.stage_sizes)), 'model.stage_sizes', m.stage_sizes,
+           'must be 4 positive block counts, or None (from model.depth)')
   _require(m.dtype in ('float32', 'bfloat16', 'float16'), 'model.dtype', m.dtype,
            "must be 'float32', 'bfloat16' or 'float16'")
   _require(o.base_lr > 0, 'optim.base_lr', o.base_lr, 'must be > 0')

@@ -10,13 +10,23 @@ DETECTRON2_KEYS.md):
   neck's four region convs (and their BatchNorms) become the box head's convs.
 * `to_torchvision`: a torchvision ResNet state dict without `fc`.
 
+As a tool, from a pretraining workdir (model shape from its config.json,
+weights from its newest complete checkpoint unless --step is given):
+
+    python -m mcl_jax.export --workdir runs/mcl_100ep --format detectron2 --out mcl.pkl
+    python -m mcl_jax.export --workdir runs/mcl_100ep --format torchvision --out mcl.pth \
+        [--step 31280] [--which target]
+
 Convolution kernels go from Flax HWIO to torch OIHW, BatchNorm scale / bias
 become weight / bias and batch_stats mean / var become running_mean /
 running_var. Every array is float32 NumPy (num_batches_tracked: int64 0-d).
 """
 
+import argparse
+import os
 import pickle
 import re
+import sys
 from typing import Any, Mapping
 
 import numpy as np
@@ -213,3 +223,38 @@ def export(variables: Mapping[str, Any], fmt: str, path: str) -> list[str]:
     save_torchvision(sd, path)
     return sorted(sd)
   raise ExportError(f"format={fmt!r}: must be 'detectron2' or 'torchvision'")
+
+
+# ------------------------------------------------------------------------ CLI --
+
+def parse_args(argv=None) -> argparse.Namespace:
+  """Command-line flags of `python -m mcl_jax.export`."""
+  p = argparse.ArgumentParser(
+      prog='python -m mcl_jax.export',
+      description='Converts a pretraining checkpoint for detectron2 or torchvision.')
+  p.add_argument('--workdir', required=True, help='pretraining workdir (config.json + checkpoints/)')
+  p.add_argument('--step', type=int, default=None, help='checkpoint step (default: newest)')
+  p.add_argument('--which', choices=('online', 'target'), default='online',
+                 help='online network or EMA target encoder')
+  p.add_argument('--format', choices=('detectron2', 'torchvision'), required=True)
+  p.add_argument('--out', required=True,
+                 help='output file: *.pkl for detectron2, *.pth for torchvision')
+  return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+  """Loads the checkpoint, converts it and writes --out. Returns the exit code."""
+  from mcl_jax import checkpointing  # pylint: disable=import-outside-toplevel
+  args = parse_args(argv)
+  if args.format == 'detectron2' and not args.out.endswith('.pkl'):
+    print(f'error: --out {args.out}: detectron2 needs a .pkl file', file=sys.stderr)
+    return 2
+  _, variables = checkpointing.load_variables(args.workdir, step=args.step, which=args.which)
+  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+  names = export(variables, args.format, args.out)
+  print(f'wrote {len(names)} tensors ({args.which} network, {args.format}) to {args.out}')
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

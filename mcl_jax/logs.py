@@ -1,4 +1,8 @@
-"""Console, TensorBoard and JSON-lines metrics, and the montage preview PNG."""
+"""The run's metrics: console lines, TensorBoard scalars and WORKDIR/metrics.jsonl.
+
+Owns metrics.jsonl: `MetricWriter` appends one line per step, and
+`truncate_metrics` cuts it back to a restored step when a run resumes.
+"""
 
 import json
 import os
@@ -7,6 +11,10 @@ import time
 from absl import logging
 import jax
 import numpy as np
+
+from mcl_jax import checkpointing
+
+METRICS_FILE = 'metrics.jsonl'
 
 
 class MetricWriter:
@@ -18,7 +26,7 @@ class MetricWriter:
     self._t0, self._step0 = None, None
     self._tb = self._jsonl = None
     if self.active:
-      self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
+      self._jsonl = open(os.path.join(workdir, METRICS_FILE), 'a')
       try:
         from tensorboardX import SummaryWriter
         self._tb = SummaryWriter(workdir)
@@ -63,42 +71,29 @@ def _hms(seconds: float) -> str:
   return f'{s // 3600:d}:{s % 3600 // 60:02d}:{s % 60:02d}'
 
 
-def montage_canvases(config, crops_u8, key, max_canvases: int = 4):
-  """Augmented montage canvases of both views of the first montage group.
+def truncate_metrics(workdir: str, step: int) -> int:
+  """Drops the lines of steps after `step` (and unparsable ones) from metrics.jsonl.
 
-  Returns {view: [level][canvas] float images in [0, 1]}.
+  Called when a run (re)starts from the checkpoint of `step`: the steps after
+  it are trained again and logged again, so each step keeps exactly one line,
+  the one of the run that is continued. A line cut short by a kill is dropped
+  too. Process 0 only; returns the number of lines dropped.
   """
-  from mcl_jax import augment, model as model_lib, train
-  layout = train.layout_for(config)
-  group = np.asarray(jax.device_get(crops_u8[:layout.group_size]))
-  crops = augment.augment_crops(group, key, config.augment, config.data.num_crops)
-  out = {}
-  for view in (0, 1):
-    canvases, _ = model_lib.view_canvases(crops, view, layout, key, None,
-                                          config.montage.downsample)
-    canvases = np.asarray(augment.denormalize(canvases, config.augment))
-    levels, start = [], 0
-    for block in layout.blocks:
-      levels.append(canvases[start:start + min(block.count, max_canvases)])
-      start += block.count
-    out['qk'[view]] = levels
-  return out
-
-
-def write_montage_png(config, crops_u8, workdir: str, name: str = 'montage.png'):
-  """Writes a PNG of a few canvases per level of both views (process 0)."""
-  if jax.process_index() != 0:
-    return
-  from PIL import Image
-  views = montage_canvases(config, crops_u8, jax.random.key(config.seed))
-  rows = []
-  for view in ('q', 'k'):
-    for level in views[view]:
-      rows.append(np.concatenate(list(level), axis=1))
-  width = max(r.shape[1] for r in rows)
-  rows = [np.pad(r, ((0, 2), (0, width - r.shape[1]), (0, 0)), constant_values=1.0)
-          for r in rows]
-  img = (np.clip(np.concatenate(rows, axis=0), 0, 1) * 255).astype(np.uint8)
-  path = os.path.join(workdir, name)
-  Image.fromarray(img).save(path)
-  logging.info('Wrote %s (rows: view q levels 0..%d, then view k)', path, len(views['q']) - 1)
+  path = os.path.join(workdir, METRICS_FILE)
+  if jax.process_index() != 0 or not os.path.exists(path):
+    return 0
+  with open(path) as f:
+    lines = f.read().splitlines()
+  keep = []
+  for line in lines:
+    try:
+      if int(json.loads(line)['step']) <= step:
+        keep.append(line)
+    except (ValueError, KeyError, TypeError):
+      pass
+  dropped = len(lines) - len(keep)
+  if dropped:
+    checkpointing.write_atomic(path, ''.join(l + '\n' for l in keep))
+    logging.info('%s: dropped %d line(s) after step %d (they are logged again).',
+                 path, dropped, step)
+  return dropped

@@ -1,12 +1,15 @@
-"""The MCL network (ResNet + FPN + region neck + predictors) and its loss entry point.
+"""The MCL network: ResNet + FPN + region neck + predictors (or classifiers).
+
+Owns the network only: `MCLNet`, how regions are cut from the FPN maps
+(`cut_regions`), building it from a config and initialising it. The batch
+losses that run it on montages live in objective.py.
 
 Data flow of one view (MCL_SPEC.md sections 2-4):
-  crops --montage--> canvases --ResNet/FPN--> P2..P5 --cut--> regions
+  canvases --ResNet/FPN--> P2..P5 --cut--> regions
   --neck (once over all levels, per-level BN)--> tile embeddings
   --predictor_i--> online predictions (the target keeps level 0 only).
 """
 
-import dataclasses
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -14,27 +17,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mcl_jax import losses, montage, roi_align
+from mcl_jax import roi_align
 from mcl_jax.fpn import FPN
 from mcl_jax.heads import Predictor, RegionNeck
 from mcl_jax.montage import Layout
 from mcl_jax.resnet import ResNet
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
-
-
-@dataclasses.dataclass(frozen=True)
-class RegionPlan:
-  """Which regions go through the neck, and where each level's tiles land.
-
-  Attributes:
-    fpn_levels: FPN levels (2..5) cut, ascending: the neck's BN groups, in
-      the order the reference updates its running statistics.
-    mode: 'all' (every canvas at every used FPN level, the reference) or
-      'used' (only the tiles the loss reads).
-  """
-  fpn_levels: tuple[int, ...]
-  mode: str
 
 
 def _grid_regions(fmap, grid: int):
@@ -63,7 +52,8 @@ def cut_regions(feats: dict[str, jax.Array], layout: Layout, levels: Sequence[in
     feats: {'P2'..'P5'} of G groups' canvases, [G * num_canvases, h, w, C].
     layout: the montage Layout of one group.
     levels: montage levels whose tile embeddings are wanted.
-    mode: 'all' or 'used' (see RegionPlan).
+    mode: 'all' (every canvas at every used FPN level, the reference) or
+      'used' (only the tiles the loss reads).
     path: 'reshape' (the reference) or 'roi_align' (7x7-style RoIAlign with
       sampling ratio 1 and aligned boxes; needed for mixed layouts).
     region_size: k, the region side on its FPN level.
@@ -77,14 +67,9 @@ def cut_regions(feats: dict[str, jax.Array], layout: Layout, levels: Sequence[in
   g = feats['P5'].shape[0] // nc
   fpn_of = {i: layout.fpn_level(i) for i in levels}
   fpn_levels = sorted(set(fpn_of.values()))
-  if path not in ('reshape', 'roi_align'):
-    raise ValueError(f"model.region_path={path!r}: must be 'reshape' or 'roi_align'")
-  if mode not in ('all', 'used'):
-    raise ValueError(f"model.neck_regions={mode!r}: must be 'all' or 'used'")
-  if path == 'reshape' and not layout.is_grid:
-    raise ValueError("model.region_path='reshape' needs montage.layout='grid'")
-  if mode == 'all' and not layout.is_grid:
-    raise ValueError("model.neck_regions='all' needs montage.layout='grid'")
+  # The rules are config_validation's; these only guard direct callers.
+  assert path in ('reshape', 'roi_align') and mode in ('all', 'used'), (path, mode)
+  assert layout.is_grid or (path, mode) == ('roi_align', 'used'), (path, mode)
 
   def roi(fmap, boxes, idx, level):
     return roi_align.roi_align(fmap, jnp.asarray(boxes), jnp.asarray(idx), region_size,
@@ -205,16 +190,16 @@ class MCLNet(nn.Module):
 def create_model(config) -> MCLNet:
   """Builds MCLNet from `config.model` (and loss / montage / data fields)."""
   m = config.model
-  supervised = config.get('objective', 'self_supervised') == 'supervised'
+  supervised = config.objective == 'supervised'
   return MCLNet(
       depth=m.depth, width=m.width,
-      stage_sizes=tuple(m.stage_sizes) if m.get('stage_sizes') else None,
-      block=m.get('block'), fpn_channels=m.fpn_channels,
+      stage_sizes=tuple(m.stage_sizes) if m.stage_sizes else None,
+      block=m.block, fpn_channels=m.fpn_channels,
       neck_convs=m.neck_convs, neck_hidden=m.neck_hidden, embed_dim=m.embed_dim,
       predictor_hidden=m.predictor_hidden, num_levels=len(config.loss.level_weights),
       region_path=m.region_path, neck_regions=m.neck_regions, region_size=m.region_size,
       num_classes=config.data.num_classes if supervised else 0,
-      shared_classifier=config.loss.get('classifier', 'per_level') == 'shared',
+      shared_classifier=config.loss.classifier == 'shared',
       dtype=DTYPES[m.dtype])
 
 
@@ -228,103 +213,3 @@ def init_variables(model: MCLNet, layout: Layout, key, image_size: int):
 def encoder_subtree(tree):
   """The target's share of a params / batch_stats tree: backbone, FPN, neck."""
   return {k: tree[k] for k in ('backbone', 'fpn', 'neck')}
-
-
-def view_canvases(crops, view: int, layout: Layout, key, mesh, method: str):
-  """Assembles one view's canvases: level i uses crop i (q) or 4 + i (k)."""
-  half = crops.shape[1] // 2
-  per_level = [crops[:, view * half + i] for i in range(layout.num_levels)]
-  return montage.sharded_assemble(per_level, jax.random.fold_in(key, view), layout,
-                                  mesh, method)
-
-
-def target_embeddings(model: MCLNet, target_vars, canvases, layout: Layout,
-                      whole_crops_only: bool = False):
-  """Target level-0 embeddings [G * B, D] and the target's updated batch_stats.
-
-  With `whole_crops_only` (beyond the reference) the target encodes only the
-  level-0 canvases, which is all the loss reads; its BatchNorm batch
-  statistics then span fewer images than in the reference.
-  """
-  if whole_crops_only:
-    nc, b = layout.num_canvases, layout.group_size
-    g = canvases.shape[0] // nc
-    canvases = canvases.reshape(g, nc, *canvases.shape[1:])[:, :b]
-    canvases = canvases.reshape(g * b, *canvases.shape[2:])
-    layout = dataclasses.replace(layout, blocks=layout.blocks[:1])
-  (emb,), state = model.apply(target_vars, canvases, layout, train=True, levels=(0,),
-                              method=MCLNet.embed, mutable=['batch_stats'])
-  return jax.lax.stop_gradient(emb), state['batch_stats']
-
-
-def mcl_loss_fn(model: MCLNet, params, batch_stats, target_vars, crops, key,
-                layout: Layout, *, tau: float, level_weights: Sequence[float],
-                mesh=None, downsample: str = 'nearest',
-                target_whole_crops_only: bool = False):
-  """The MCL loss of one batch: the library's single entry point.
-
-  Args:
-    model: the MCLNet.
-    params, batch_stats: online variables (gradients flow to `params` only).
-    target_vars: {'params', 'batch_stats'} of the target (no predictors).
-    crops: [B_global, 8, S, S, 3] augmented, normalised crops; crops 0-3 are
-      view q, 4-7 view k; montage level i uses crop i and crop 4 + i.
-    key: PRNG key of this step (montage permutations).
-    layout: the montage Layout of one group.
-    tau, level_weights: loss settings.
-    mesh: a mesh with a 'data' axis to assemble montages per device, or None.
-    downsample: montage downsampling ('nearest' or 'antialias').
-    target_whole_crops_only: see `target_embeddings`.
-
-  Returns:
-    (loss, (metrics, new online batch_stats, new target batch_stats)).
-  """
-  targets, preds, labels = [], [], []
-  target_bs = target_vars['batch_stats']
-  for view in (0, 1):
-    canvases, lab = view_canvases(crops, view, layout, key, mesh, downsample)
-    t, target_bs = target_embeddings(
-        model, {'params': target_vars['params'], 'batch_stats': target_bs},
-        canvases, layout, target_whole_crops_only)
-    p, state = model.apply({'params': params, 'batch_stats': batch_stats}, canvases,
-                           layout, train=True, mutable=['batch_stats'])
-    batch_stats = state['batch_stats']
-    targets.append(t)
-    preds.append(p)
-    labels.append(lab)
-  loss, metrics = losses.mcl_loss(preds[0], preds[1], labels[0], labels[1],
-                                  targets[0], targets[1], tau, level_weights)
-  return loss, (metrics, batch_stats, target_bs)
-
-
-def supervised_loss_fn(model: MCLNet, params, batch_stats, crops, classes, key,
-                       layout: Layout, *, level_weights: Sequence[float],
-                       label_smoothing: float = 0.0, mesh=None,
-                       downsample: str = 'nearest'):
-  """Supervised MCL (spec section 7): tiles classified into their source's class.
-
-  Same montages, backbone, FPN and neck as `mcl_loss_fn`; a classifier per
-  level (or one shared) replaces predictors and target network. Summed over
-  levels and both views.
-
-  Args:
-    classes: [B_global] int class of each image (>= 0).
-    Others as in `mcl_loss_fn`.
-
-  Returns:
-    (loss, (metrics, new online batch_stats, {})).
-  """
-  total, metrics = 0.0, {}
-  for view in (0, 1):
-    canvases, tiles = view_canvases(crops, view, layout, key, mesh, downsample)
-    logits, state = model.apply({'params': params, 'batch_stats': batch_stats}, canvases,
-                                layout, train=True, method=MCLNet.classify,
-                                mutable=['batch_stats'])
-    batch_stats = state['batch_stats']
-    loss, m = losses.supervised_loss(logits, [classes[t] for t in tiles], level_weights,
-                                     label_smoothing)
-    total = total + loss
-    for k, v in m.items():
-      metrics[k] = metrics.get(k, 0.0) + (v if k.startswith('loss') else v / 2)
-  metrics['loss'] = total
-  return total, (metrics, batch_stats, {})

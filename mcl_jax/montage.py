@@ -117,23 +117,27 @@ def _mixed_block(count: int, size: int, grids: Sequence[int]) -> Block:
 
 
 def make_layout(montage_cfg: Any, image_size: int, num_levels: int | None = None) -> Layout:
-  """Builds the Layout from `config.montage` (see configs/mcl_100ep.py)."""
+  """Builds the Layout from `config.montage` (see configs/mcl_100ep.py).
+
+  The config's rules are config_validation's; the asserts only guard
+  direct callers.
+  """
   grids = tuple(montage_cfg.grids)[:num_levels]
   b = montage_cfg.group_size
-  expected = tuple(2**i for i in range(len(grids)))
-  if grids != expected:
-    raise ValueError(f'montage.grids={grids}: level i must use a 2**i grid, i.e. {expected}')
+  assert grids == tuple(2**i for i in range(len(grids))), grids
   blocks = [_grid_block(0, 1, b, image_size)]  # level 0: the crops themselves
   if montage_cfg.layout == 'grid':
     for i, (g, d) in enumerate(zip(grids[1:], montage_cfg.canvas_divisors[1:]), start=1):
       blocks.append(_grid_block(i, g, b // d, image_size))
-  elif montage_cfg.layout == 'mixed':
-    if len(grids) != 4:
-      raise ValueError('montage.layout=mixed needs 4 levels (grids 1, 2, 4, 8)')
-    blocks.append(_mixed_block(b // montage_cfg.mixed_canvases_divisor, image_size, grids))
   else:
-    raise ValueError(f"montage.layout={montage_cfg.layout!r}: must be 'grid' or 'mixed'")
+    assert montage_cfg.layout == 'mixed' and len(grids) == 4, (montage_cfg.layout, grids)
+    blocks.append(_mixed_block(b // montage_cfg.mixed_canvases_divisor, image_size, grids))
   return Layout(image_size, b, grids, tuple(blocks))
+
+
+def layout_for(config) -> Layout:
+  """The montage Layout of one group under a whole config (one level per loss weight)."""
+  return make_layout(config.montage, config.data.image_size, len(config.loss.level_weights))
 
 
 def downsample(x, factor: int, method: str = 'nearest'):
@@ -150,7 +154,7 @@ def downsample(x, factor: int, method: str = 'nearest'):
     n, h, w, c = x.shape
     y = x.reshape(n, h // factor, factor, w // factor, factor, c)
     return y.mean(axis=(2, 4), dtype=jnp.float32).astype(x.dtype)
-  raise ValueError(f"montage.downsample={method!r}: must be 'nearest' or 'antialias'")
+  raise AssertionError(f'downsample method {method!r}')  # config_validation's rule
 
 
 def _assemble_group(crops: Sequence[jax.Array], key, layout: Layout, method: str):

@@ -1,182 +1,57 @@
-"""TrainState, optimizer, the sharded train step, and the training loop.
+"""The sharded train step and the training loop (start, resume, stop, evaluate).
 
 One `jax.jit` over a mesh with a 'data' axis: the batch is sharded, the state
 replicated and donated. BatchNorm over the global jitted batch is already
 synchronised across devices (SyncBN), and the loss's targets span the global
-batch; only montage assembly runs per device (`jax.shard_map`).
+batch; only montage assembly runs per device (`jax.shard_map`). The state and
+its update are state.py's, the batch loss objective.py's.
 """
 
+import dataclasses
 import functools
 import math
 import os
 import signal
-from typing import Any
 
 from absl import logging
-import flax
-import flax.struct
 import jax
-import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from mcl_jax import augment, checkpointing, config_validation, logs, montage
+from mcl_jax import augment, checkpointing, config_validation, logs, montage, objective
 from mcl_jax import model as model_lib
-
-
-class TrainState(flax.struct.PyTreeNode):
-  """Everything a run needs to continue: online and target networks, optimizer."""
-  step: jax.Array
-  params: Any
-  batch_stats: Any
-  target_params: Any
-  target_batch_stats: Any
-  opt_state: Any
+from mcl_jax import state as state_lib
+from mcl_jax import visualize
 
 
 class NonFiniteError(FloatingPointError):
   """A NaN or Inf in the loss or the gradient norm."""
 
 
-# ---------------------------------------------------------------- schedules --
+def make_train_step(config, mesh, tx: optax.GradientTransformation, num_steps: int):
+  """The jitted train step: (state, crops uint8, labels) -> (state, metrics).
 
-def total_steps(config) -> int:
-  """optim.num_steps, or num_epochs of the training set at global_batch."""
-  if config.optim.num_steps:
-    return int(config.optim.num_steps)
-  from mcl_jax import input_pipeline  # late: needs TensorFlow only for counting
-  per_epoch = input_pipeline.steps_per_epoch(config.data, config.optim.global_batch)
-  return int(config.optim.num_epochs * per_epoch)
-
-
-def peak_lr(config) -> float:
-  return config.optim.base_lr * config.optim.global_batch / 256
-
-
-def lr_schedule(config, num_steps: int) -> optax.Schedule:
-  """Linear warm-up from warmup_ratio x lr, then cosine decay to min_lr."""
-  o, lr = config.optim, peak_lr(config)
-  warmup = min(o.warmup_steps, max(num_steps - 1, 0))
-  return optax.warmup_cosine_decay_schedule(
-      init_value=lr * o.warmup_ratio, peak_value=lr, warmup_steps=warmup,
-      decay_steps=max(num_steps, warmup + 1), end_value=min(o.min_lr, lr))
-
-
-def ema_momentum(step, num_steps: int, base: float):
-  """m = 1 - (1 - base) (cos(pi t / T) + 1) / 2: from base to 1 over the run."""
-  t = jnp.asarray(step, jnp.float32) / max(num_steps, 1)
-  return 1.0 - (1.0 - base) * (jnp.cos(jnp.pi * t) + 1.0) / 2.0
-
-
-def decay_mask(params):
-  """True for weights that get weight decay and LARS adaptation.
-
-  Kernels only: BatchNorm scales/biases and all biases are excluded, as in
-  the reference's paramwise options.
-  """
-  return jax.tree.map(lambda p: p.ndim > 1, params)
-
-
-def create_optimizer(config, num_steps: int) -> optax.GradientTransformation:
-  o = config.optim
-  return optax.chain(
-      optax.clip_by_global_norm(o.clip_norm),
-      optax.lars(lr_schedule(config, num_steps), weight_decay=o.weight_decay,
-                 weight_decay_mask=decay_mask, trust_coefficient=o.trust_coefficient,
-                 trust_ratio_mask=decay_mask, momentum=o.momentum))
-
-
-# -------------------------------------------------------------------- state --
-
-def make_mesh(num_devices: int | None = None) -> jax.sharding.Mesh:
-  """A 1-D mesh over the first `num_devices` devices (all by default)."""
-  devices = jax.devices()[:num_devices] if num_devices else jax.devices()
-  # Auto axes: the partitioner propagates shardings (GSPMD) from the inputs.
-  return jax.make_mesh((len(devices),), ('data',), devices=devices,
-                       axis_types=(jax.sharding.AxisType.Auto,))
-
-
-def layout_for(config) -> montage.Layout:
-  return montage.make_layout(config.montage, config.data.image_size,
-                             len(config.loss.level_weights))
-
-
-def create_train_state(config, key, num_steps: int | None = None) -> TrainState:
-  """Initial state: Kaiming-initialised online network, target = its copy."""
-  net = model_lib.create_model(config)
-  variables = model_lib.init_variables(net, layout_for(config), key, config.data.image_size)
-  params, batch_stats = variables['params'], variables.get('batch_stats', {})
-  tx = create_optimizer(config, num_steps or 1)
-  supervised = config.objective == 'supervised'
-  return TrainState(
-      step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
-      target_params={} if supervised else model_lib.encoder_subtree(params),
-      target_batch_stats={} if supervised else model_lib.encoder_subtree(batch_stats),
-      opt_state=tx.init(params))
-
-
-def abstract_train_state(config, mesh=None):
-  """ShapeDtypeStructs of the state, replicated over `mesh` (for restoring)."""
-  abstract = jax.eval_shape(lambda k: create_train_state(config, k), jax.random.key(0))
-  sharding = NamedSharding(mesh or make_mesh(), P())
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
-                      abstract)
-
-
-# --------------------------------------------------------------- train step --
-
-def make_train_step(config, mesh, num_steps: int):
-  """The jitted train step: (state, crops uint8) -> (state, metrics).
-
-  crops: [global_batch, num_crops, S, S, 3] uint8, sharded over 'data'.
+  crops: [global_batch, num_crops, S, S, 3] uint8, sharded over 'data';
+  labels: [global_batch] int (read by the supervised objective only).
   Per-step randomness (augmentation, montage) is fold_in(seed key, step), so
   a resumed run draws exactly what an uninterrupted one would.
   """
-  net = model_lib.create_model(config)
-  layout = layout_for(config)
-  tx = create_optimizer(config, num_steps)
-  schedule = lr_schedule(config, num_steps)
+  loss_fn = objective.batch_loss_fn(config, model_lib.create_model(config),
+                                    montage.layout_for(config), mesh)
+  schedule = state_lib.lr_schedule(config, num_steps)
   base_key = jax.random.key(config.seed)
-  supervised = config.objective == 'supervised'
 
-  def step_fn(state: TrainState, crops_u8, labels):
+  def step_fn(state: state_lib.TrainState, crops_u8, labels):
     key = jax.random.fold_in(base_key, state.step)
     aug_key, montage_key = jax.random.split(key)
     crops = augment.augment_crops(crops_u8, aug_key, config.augment, config.data.num_crops)
-
-    def loss_fn(params):
-      if supervised:
-        return model_lib.supervised_loss_fn(
-            net, params, state.batch_stats, crops, labels, montage_key, layout,
-            level_weights=config.loss.level_weights,
-            label_smoothing=config.loss.label_smoothing, mesh=mesh,
-            downsample=config.montage.downsample)
-      return model_lib.mcl_loss_fn(
-          net, params, state.batch_stats,
-          {'params': state.target_params, 'batch_stats': state.target_batch_stats},
-          crops, montage_key, layout, tau=config.loss.tau,
-          level_weights=config.loss.level_weights, mesh=mesh,
-          downsample=config.montage.downsample,
-          target_whole_crops_only=config.model.target_whole_crops_only)
-
-    (loss, (metrics, batch_stats, target_bs)), grads = jax.value_and_grad(
-        loss_fn, has_aux=True)(state.params)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    m = ema_momentum(state.step, num_steps, config.optim.ema_base_momentum)
-    if supervised:
-      target_params = state.target_params
-    else:
-      # The target follows the online parameters (not BN statistics) after every step.
-      target_params = optax.incremental_update(
-          model_lib.encoder_subtree(params), state.target_params, 1.0 - m)
-    metrics = dict(metrics, lr=schedule(state.step), target_momentum=m,
-                   grad_norm=optax.tree.norm(grads), param_norm=optax.tree.norm(params))
-    new_state = TrainState(step=state.step + 1, params=params, batch_stats=batch_stats,
-                           target_params=target_params, target_batch_stats=target_bs,
-                           opt_state=opt_state)
-    return new_state, metrics
+    (_, (metrics, batch_stats, target_bs)), grads = jax.value_and_grad(
+        loss_fn, has_aux=True)(state.params, state, crops, labels, montage_key)
+    new_state, update_metrics = state_lib.apply_update(
+        state, grads, batch_stats, target_bs, tx, num_steps, config.optim.ema_base_momentum)
+    return new_state, dict(metrics, lr=schedule(state.step), **update_metrics)
 
   replicated = NamedSharding(mesh, P())
   sharded = NamedSharding(mesh, P('data'))
@@ -213,8 +88,9 @@ class _StopSignal:
   def __enter__(self):
     signals = (signal.SIGTERM, signal.SIGINT)
     if self._multi:
-      from jax._src import distributed  # pylint: disable=g-import-not-at-top
-      self._preemption = distributed.global_state.preemption_sync_manager is not None
+      # jax.distributed.initialize starts the preemption service unless this
+      # (public) option turned it off.
+      self._preemption = bool(jax.config.jax_enable_preemption_service)
       if self._preemption:
         signals = (signal.SIGINT,)  # SIGTERM stays with JAX's preemption notifier
     for sig in signals:
@@ -298,16 +174,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
   logging.info('Process %d/%d, local devices %s, global devices %d',
                jax.process_index(), jax.process_count(), jax.local_devices(),
                jax.device_count())
-  mesh = make_mesh()
-  num_steps = total_steps(config)
-  state_sharding = NamedSharding(mesh, P())
-  batch_sharding = NamedSharding(mesh, P('data'))
-
+  num_steps = state_lib.total_steps(config)
+  run = _Run(config, workdir, state_lib.make_mesh(), num_steps,
+             state_lib.create_optimizer(config, num_steps))
   with _StopSignal(jax.process_count()) as stop:
     manager = checkpointing.make_manager(workdir, config.keep_checkpoints)
     try:
-      return _run(config, workdir, manager, stop, mesh, num_steps, state_sharding,
-                  batch_sharding, input_pipeline)
+      return _run(run, manager, stop)
     finally:
       # Also on errors (a non-finite step, an interrupt): a save in flight is
       # of a state that passed its checks; finish it rather than leave a tmp dir.
@@ -315,29 +188,49 @@ def train_and_evaluate(config, workdir: str) -> dict:
       manager.close()
 
 
-def _run(config, workdir, manager, stop, mesh, num_steps, state_sharding, batch_sharding,
-         input_pipeline) -> dict:
-  abstract = abstract_train_state(config, mesh)
-  state, start = checkpointing.restore_latest(manager, abstract)
+@dataclasses.dataclass(frozen=True)
+class _Run:
+  """What stays fixed over a run: its config, workdir, mesh, length and optimizer."""
+  config: ml_collections.ConfigDict
+  workdir: str
+  mesh: jax.sharding.Mesh
+  num_steps: int
+  tx: optax.GradientTransformation
+
+
+def _restore_or_init(run: _Run, manager):
+  """The newest readable checkpoint's state and step, or a new state at step 0."""
+  config, workdir = run.config, run.workdir
+  replicated = NamedSharding(run.mesh, P())
+  state, start = checkpointing.restore_latest(
+      manager, state_lib.abstract_train_state(config, run.tx, run.mesh))
   if state is None:
-    init = jax.jit(functools.partial(create_train_state, config, num_steps=num_steps),
-                   out_shardings=state_sharding)
+    init = jax.jit(functools.partial(state_lib.create_train_state, config, tx=run.tx),
+                   out_shardings=replicated)
     state, start = init(jax.random.key(config.seed)), 0
     checkpointing.save_config(workdir, config)
-    logging.info('Starting a new run: %d steps.', num_steps)
+    logging.info('Starting a new run: %d steps.', run.num_steps)
   else:
     if not os.path.exists(os.path.join(workdir, checkpointing.CONFIG_FILE)):
       checkpointing.save_config(workdir, config)
     logging.info('Resumed from the checkpoint of step %d.', start)
+  return state, start
+
+
+def _run(run: _Run, manager, stop: _StopSignal) -> dict:
+  from mcl_jax import input_pipeline  # late: pulls in TensorFlow
+  config, num_steps = run.config, run.num_steps
+  state, start = _restore_or_init(run, manager)
   # Steps after `start` are trained (and logged) again: drop their old lines.
-  checkpointing.truncate_metrics(workdir, start)
+  logs.truncate_metrics(run.workdir, start)
   last_saved = start if start else None
 
-  train_step = make_train_step(config, mesh, num_steps)
+  train_step = make_train_step(config, run.mesh, run.tx, num_steps)
+  batch_sharding = NamedSharding(run.mesh, P('data'))
   data = input_pipeline.create_train_iterator(
       config.data, global_batch=config.optim.global_batch, seed=config.seed,
       start_step=start)
-  writer = logs.MetricWriter(workdir, num_steps, config.optim.global_batch)
+  writer = logs.MetricWriter(run.workdir, num_steps, config.optim.global_batch)
   last = {}
   stopped = False
   pending = None  # (step, metrics) of the step in flight: checked one step late
@@ -345,7 +238,8 @@ def _run(config, workdir, manager, stop, mesh, num_steps, state_sharding, batch_
     for step in range(start, num_steps):
       batch = input_pipeline.to_global_batch(next(data), batch_sharding)
       if step == start == 0 and config.montage_png:
-        logs.write_montage_png(config, batch['crops'], workdir)
+        visualize.write_montage_png(config, batch['crops'],
+                                    os.path.join(run.workdir, 'montage.png'))
       state, metrics = train_step(state, batch['crops'], batch['label'])
       if pending is not None:
         last = _finish_step(*pending, writer, config, last_saved)

@@ -6,8 +6,6 @@ head with BN + ReLU), loaded with strict=True and compared in eval mode with
 MCLNet.features / the neck's convs on random inputs and randomised BN state.
 """
 
-import importlib.util
-import os
 import pickle
 
 import jax
@@ -24,7 +22,6 @@ from mcl_jax.model import MCLNet
 
 NORM = ('weight', 'bias', 'running_mean', 'running_var')
 TOL = 1e-4
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # ---------------------------------------------------------------- JAX side --
 
@@ -452,18 +449,10 @@ def test_missing_subtrees_are_clear_errors(tiny):
     export.export(variables, 'onnx', 'x.onnx')
 
 
-def load_script():
-  spec = importlib.util.spec_from_file_location(
-      'convert_checkpoint', os.path.join(REPO, 'scripts', 'convert_checkpoint.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
 def test_convert_script_calls_checkpointing(tiny, tmp_path, monkeypatch):
   checkpointing = pytest.importorskip('mcl_jax.checkpointing')
   block, model, variables = tiny
-  script = load_script()
+  script = export
   calls = []
 
   def fake_load(workdir, step=None, which='online'):
@@ -502,9 +491,8 @@ def tiny_config():
 
 
 def test_convert_script_end_to_end_orbax(tmp_path):
-  """Real Orbax round trip through mcl_jax.checkpointing (needs mcl_jax.train)."""
-  checkpointing = pytest.importorskip('mcl_jax.checkpointing')
-  train = pytest.importorskip('mcl_jax.train')
+  """Real Orbax round trip through mcl_jax.checkpointing."""
+  from mcl_jax import checkpointing, state as state_lib  # pylint: disable=import-outside-toplevel
   config = tiny_config()
   workdir = str(tmp_path / 'run')
   checkpointing.check_workdir(workdir)
@@ -513,13 +501,13 @@ def test_convert_script_end_to_end_orbax(tmp_path):
   state = jax.tree.map(
       lambda s: (rng.normal(size=s.shape).astype(s.dtype)
                  if jnp.issubdtype(s.dtype, jnp.floating) else np.zeros(s.shape, s.dtype)),
-      train.abstract_train_state(config))
+      state_lib.abstract_train_state(config, state_lib.create_optimizer(config, 1)))
   manager = checkpointing.make_manager(workdir, 1, async_save=False)
   checkpointing.save(manager, 5, state, force=True)
   manager.wait_until_finished()
   manager.close()
 
-  script = load_script()
+  script = export
   for which, params, stats in (('online', state.params, state.batch_stats),
                                ('target', state.target_params, state.target_batch_stats)):
     out = str(tmp_path / f'{which}.pkl')

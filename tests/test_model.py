@@ -15,7 +15,7 @@ import pytest
 
 from configs import mcl_100ep
 from mcl_jax import model as model_lib
-from mcl_jax import montage
+from mcl_jax import montage, objective
 from mcl_jax.fpn import FPN
 from mcl_jax.resnet import ResNet
 
@@ -222,7 +222,7 @@ def _layout():
 
 def _loss(layout, params, bs, target_params, target_bs, crops, key, whole=False, **kw):
   net = model_lib.MCLNet(**{**TINY, **kw})
-  return model_lib.mcl_loss_fn(
+  return objective.self_supervised_batch_loss(
       net, params, bs, {'params': target_params, 'batch_stats': target_bs}, crops, key,
       layout, tau=1.0, level_weights=WEIGHTS, target_whole_crops_only=whole)
 

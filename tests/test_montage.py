@@ -198,8 +198,8 @@ def test_mixed_layout(mixed_layout):
 def test_make_layout_rejects_bad_grids():
   m = _cfg('grid')
   m.grids = (1, 2, 3, 8)
-  with pytest.raises(ValueError):
+  with pytest.raises(AssertionError):
     montage.make_layout(m, S)
   m = _cfg('bogus')
-  with pytest.raises(ValueError):
+  with pytest.raises(AssertionError):
     montage.make_layout(m, S)

@@ -140,15 +140,15 @@ def test_mixed_layout_roi_path():
     err = max(err, np.abs(got - want).max())
   print(f'cut_regions mixed roi_align vs slices: max abs err {err:.2e} (tol {TOL})')
   assert err <= TOL
-  with pytest.raises(ValueError):
+  with pytest.raises(AssertionError):
     cut_regions(feats, layout, LEVELS, 'used', 'reshape', K)
-  with pytest.raises(ValueError):
+  with pytest.raises(AssertionError):
     cut_regions(feats, layout, LEVELS, 'all', 'roi_align', K)
 
 
 def test_bad_options(grid_case):
   layout, feats = grid_case
-  with pytest.raises(ValueError):
+  with pytest.raises(AssertionError):
     cut_regions(feats, layout, LEVELS, 'some', 'reshape', K)
-  with pytest.raises(ValueError):
+  with pytest.raises(AssertionError):
     cut_regions(feats, layout, LEVELS, 'all', 'crop', K)

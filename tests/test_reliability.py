@@ -23,7 +23,8 @@ import pytest
 
 import subprocess_runs as runs
 from configs import test_tiny
-from mcl_jax import checkpointing, config_validation, train
+from mcl_jax import checkpointing, config_validation, logs, train
+from mcl_jax import state as state_lib
 
 # Orbax/TensorStore report failed reads of damaged files from a closed event loop.
 pytestmark = pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning')
@@ -106,7 +107,7 @@ def test_reference_configs_are_valid():
 def test_validation_runs_before_anything_else(tmp_path, monkeypatch):
   """An impossible config fails at once: no workdir, no compile, no data."""
   monkeypatch.setattr(train, 'make_train_step', lambda *a: pytest.fail('compiled'))
-  monkeypatch.setattr(train, 'create_train_state', lambda *a, **k: pytest.fail('initialised'))
+  monkeypatch.setattr(state_lib, 'create_train_state', lambda *a, **k: pytest.fail('initialised'))
   workdir = tmp_path / 'never'
   t0 = time.monotonic()
   with pytest.raises(config_validation.ConfigError, match='optim.momentum'):
@@ -168,9 +169,9 @@ def test_truncate_metrics_keeps_one_line_per_step(tmp_path):
   path = tmp_path / 'metrics.jsonl'
   lines = [f'{{"step": {s}, "loss": {s}.0}}' for s in (1, 2, 3, 4)]
   path.write_text('\n'.join(lines) + '\n{"step": 5, "lo')  # a line cut by a kill
-  assert checkpointing.truncate_metrics(str(tmp_path), 2) == 3
+  assert logs.truncate_metrics(str(tmp_path), 2) == 3
   assert path.read_text() == '\n'.join(lines[:2]) + '\n'
-  assert checkpointing.truncate_metrics(str(tmp_path), 2) == 0
+  assert logs.truncate_metrics(str(tmp_path), 2) == 0
 
 
 # --------------------------------------------- 1. SIGKILL, resume, identical --
@@ -287,7 +288,8 @@ def test_sigterm_saves_and_exits_0_then_corrupt_latest_falls_back_then_sigint(tm
 # -------------------------------------- 3. corrupt checkpoints, in process --
 
 def _abstract(workdir):
-  return train.abstract_train_state(checkpointing.load_config(workdir))
+  config = checkpointing.load_config(workdir)
+  return state_lib.abstract_train_state(config, state_lib.create_optimizer(config, 1))
 
 
 @pytest.mark.parametrize('how, keep', [('truncate', 1), ('truncate', 2), ('overwrite', 1),

@@ -8,6 +8,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from configs import demo_supervised, mcl_supervised_100ep, test_tiny
 from mcl_jax import export, input_pipeline, losses, train
+from mcl_jax import state as state_lib
 
 
 def _np_supervised(logits, classes, weights, smoothing):
@@ -69,11 +70,12 @@ def test_short_supervised_run_on_digits_learns():
   """Real steps on digits: level-0 tile accuracy gets high; export still works."""
   config = demo_supervised.get_config()
   steps = config.optim.num_steps
-  mesh = train.make_mesh(1)
-  state = jax.jit(lambda k: train.create_train_state(config, k, steps),
+  mesh = state_lib.make_mesh(1)
+  tx = state_lib.create_optimizer(config, steps)
+  state = jax.jit(lambda k: state_lib.create_train_state(config, k, tx),
                   out_shardings=NamedSharding(mesh, P()))(jax.random.key(0))
   assert 'classifiers_0' in state.params and not state.target_params
-  step_fn = train.make_train_step(config, mesh, steps)
+  step_fn = train.make_train_step(config, mesh, tx, steps)
   data = input_pipeline.create_train_iterator(config.data, global_batch=64, seed=0)
   sharding = NamedSharding(mesh, P('data'))
   accs = []

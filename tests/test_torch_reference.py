@@ -4,7 +4,7 @@ Weights are random variables in the JAX init's shapes (BatchNorm scales,
 biases and running statistics randomised too) copied into PyTorch, with a
 target encoder perturbed away from the online one; both sides see the same
 augmented crops assembled into the same canvases with the same tile labels
-(`model.view_canvases`), in float32 with train-mode BatchNorm. Tolerances: loss and every per-level metric (loss,
+(`objective.view_canvases`), in float32 with train-mode BatchNorm. Tolerances: loss and every per-level metric (loss,
 pos_cos, neg_cos) within 1e-4 relative (cosines: relative to max(|value|, 0.01),
 since a mean negative cosine can sit near 0); online gradients within 1e-3 of
 each tensor's largest entry (floored at 1e-4 of the largest gradient).
@@ -29,7 +29,7 @@ torch = pytest.importorskip('torch')
 from benchmarks import torch_reference as tr  # noqa: E402
 from configs import test_tiny  # noqa: E402
 from mcl_jax import model as model_lib  # noqa: E402
-from mcl_jax import train  # noqa: E402
+from mcl_jax import montage, objective  # noqa: E402
 
 REL = 1e-4
 GRAD_REL = 1e-3
@@ -75,7 +75,7 @@ def _compare(image_size, seed):
   config.optim.global_batch = 2 * config.montage.group_size  # two montage groups
   config.model.dtype = 'float32'
   config.model.neck_regions = 'all'
-  layout = train.layout_for(config)
+  layout = montage.layout_for(config)
   net = model_lib.create_model(config)
   rng = np.random.default_rng(seed)
 
@@ -93,9 +93,9 @@ def _compare(image_size, seed):
   def jax_side(params, batch_stats, target_vars, crops, key):
     """Loss, metrics, gradients, and the canvases + labels the loss used."""
     out = jax.value_and_grad(
-        lambda p: model_lib.mcl_loss_fn(net, p, batch_stats, target_vars, crops, key,
-                                        layout, **kw), has_aux=True)(params)
-    views = [model_lib.view_canvases(crops, v, layout, key, None, config.montage.downsample)
+        lambda p: objective.self_supervised_batch_loss(
+            net, p, batch_stats, target_vars, crops, key, layout, **kw), has_aux=True)(params)
+    views = [objective.view_canvases(crops, v, layout, key, None, config.montage.downsample)
              for v in (0, 1)]
     return out, views
 

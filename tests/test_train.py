@@ -9,6 +9,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from configs import test_tiny
 from mcl_jax import model as model_lib
+from mcl_jax import state as state_lib
 from mcl_jax import train
 
 
@@ -19,12 +20,13 @@ def _tiny(global_batch=64):
 
 
 def _one_step(config, num_devices, crops, labels, num_steps=10):
-  mesh = train.make_mesh(num_devices)
+  mesh = state_lib.make_mesh(num_devices)
   rep = NamedSharding(mesh, P())
-  state = jax.jit(lambda k: train.create_train_state(config, k, num_steps),
+  tx = state_lib.create_optimizer(config, num_steps)
+  state = jax.jit(lambda k: state_lib.create_train_state(config, k, tx),
                   out_shardings=rep)(jax.random.key(0))
   before = jax.device_get(state)
-  step = train.make_train_step(config, mesh, num_steps)
+  step = train.make_train_step(config, mesh, tx, num_steps)
   shard = NamedSharding(mesh, P('data'))
   state, metrics = step(state, jax.device_put(crops, shard), jax.device_put(labels, shard))
   return before, jax.device_get(state), jax.device_get(metrics)
@@ -49,7 +51,7 @@ def test_one_step_on_one_and_eight_devices_agree():
   moved = jax.tree.leaves(jax.tree.map(lambda a, b: np.max(np.abs(a - b)),
                                        before.params, s1.params))
   assert max(moved) > 0
-  m0 = float(train.ema_momentum(0, 10, config.optim.ema_base_momentum))
+  m0 = float(state_lib.ema_momentum(0, 10, config.optim.ema_base_momentum))
   assert m0 == pytest.approx(config.optim.ema_base_momentum)
   expect = optax.incremental_update(model_lib.encoder_subtree(s1.params),
                                     before.target_params, 1.0 - m0)
@@ -64,22 +66,22 @@ def test_schedules():
   config.optim.base_lr = 1.0
   config.optim.min_lr = 1e-4
   config.optim.warmup_steps = 10
-  sched = train.lr_schedule(config, 100)
+  sched = state_lib.lr_schedule(config, 100)
   lr = 1.0 * 512 / 256
   assert float(sched(0)) == pytest.approx(lr * 1e-4, rel=1e-3)  # f32 schedule
   assert float(sched(10)) == pytest.approx(lr, rel=1e-6)
   assert float(sched(5)) == pytest.approx(lr * 1e-4 + (lr - lr * 1e-4) / 2, rel=1e-6)
   assert float(sched(100)) == pytest.approx(1e-4, rel=1e-4)
   # Target momentum: 0.99 -> 1 along a half cosine.
-  assert float(train.ema_momentum(0, 100, 0.99)) == pytest.approx(0.99)
-  assert float(train.ema_momentum(50, 100, 0.99)) == pytest.approx(0.995)
-  assert float(train.ema_momentum(100, 100, 0.99)) == pytest.approx(1.0)
+  assert float(state_lib.ema_momentum(0, 100, 0.99)) == pytest.approx(0.99)
+  assert float(state_lib.ema_momentum(50, 100, 0.99)) == pytest.approx(0.995)
+  assert float(state_lib.ema_momentum(100, 100, 0.99)) == pytest.approx(1.0)
 
 
 def test_reference_config_values():
   from configs import mcl_100ep
   c = mcl_100ep.get_config()
-  assert train.peak_lr(c) == 16.0
+  assert state_lib.peak_lr(c) == 16.0
   assert c.optim.warmup_steps == 3127 and c.optim.clip_norm == 500
   assert c.optim.num_epochs * (c.data.num_train_examples // c.optim.global_batch) == 31_200
   assert tuple(c.loss.level_weights) == (0.5, 0.25, 0.125, 0.125) and c.loss.tau == 1.0
@@ -88,8 +90,9 @@ def test_reference_config_values():
 
 def test_decay_mask_excludes_norms_and_biases():
   config = _tiny()
-  params = jax.eval_shape(lambda k: train.create_train_state(config, k), jax.random.key(0)).params
-  flat = jax.tree_util.tree_flatten_with_path(train.decay_mask(params))[0]
+  params = jax.eval_shape(lambda k: state_lib.create_train_state(
+      config, k, state_lib.create_optimizer(config, 1)), jax.random.key(0)).params
+  flat = jax.tree_util.tree_flatten_with_path(state_lib.decay_mask(params))[0]
   names = {'/'.join(str(getattr(p, 'key', p)) for p in path): v for path, v in flat}
   assert names['backbone/conv1/kernel'] and names['neck/fc1/kernel']
   assert not names['backbone/bn1/scale'] and not names['backbone/bn1/bias']

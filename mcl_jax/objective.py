@@ -1,0 +1,145 @@
+"""The batch losses: montages of a batch of crops through the networks to a loss.
+
+Owns what runs between the augmented crops and the loss value: assembling each
+view's canvases (`view_canvases`), the target bank (`target_embeddings`), the
+self-supervised and the supervised batch losses, and `batch_loss_fn`, which
+picks one from the config for the train step. The maths of the losses
+themselves is losses.py's; the network is model.py's.
+"""
+
+import dataclasses
+from typing import Sequence
+
+import jax
+
+from mcl_jax import losses, montage
+from mcl_jax.model import MCLNet
+from mcl_jax.montage import Layout
+
+
+def view_canvases(crops, view: int, layout: Layout, key, mesh, method: str):
+  """Assembles one view's canvases: level i uses crop i (q) or 4 + i (k)."""
+  half = crops.shape[1] // 2
+  per_level = [crops[:, view * half + i] for i in range(layout.num_levels)]
+  return montage.sharded_assemble(per_level, jax.random.fold_in(key, view), layout,
+                                  mesh, method)
+
+
+def target_embeddings(model: MCLNet, target_vars, canvases, layout: Layout,
+                      whole_crops_only: bool = False):
+  """Target level-0 embeddings [G * B, D] and the target's updated batch_stats.
+
+  With `whole_crops_only` (beyond the reference) the target encodes only the
+  level-0 canvases, which is all the loss reads; its BatchNorm batch
+  statistics then span fewer images than in the reference.
+  """
+  if whole_crops_only:
+    nc, b = layout.num_canvases, layout.group_size
+    g = canvases.shape[0] // nc
+    canvases = canvases.reshape(g, nc, *canvases.shape[1:])[:, :b]
+    canvases = canvases.reshape(g * b, *canvases.shape[2:])
+    layout = dataclasses.replace(layout, blocks=layout.blocks[:1])
+  (emb,), state = model.apply(target_vars, canvases, layout, train=True, levels=(0,),
+                              method=MCLNet.embed, mutable=['batch_stats'])
+  return jax.lax.stop_gradient(emb), state['batch_stats']
+
+
+def self_supervised_batch_loss(model: MCLNet, params, batch_stats, target_vars, crops, key,
+                layout: Layout, *, tau: float, level_weights: Sequence[float],
+                mesh=None, downsample: str = 'nearest',
+                target_whole_crops_only: bool = False):
+  """The MCL loss of one batch (two views, all levels, the global target bank).
+
+  Args:
+    model: the MCLNet.
+    params, batch_stats: online variables (gradients flow to `params` only).
+    target_vars: {'params', 'batch_stats'} of the target (no predictors).
+    crops: [B_global, 8, S, S, 3] augmented, normalised crops; crops 0-3 are
+      view q, 4-7 view k; montage level i uses crop i and crop 4 + i.
+    key: PRNG key of this step (montage permutations).
+    layout: the montage Layout of one group.
+    tau, level_weights: loss settings.
+    mesh: a mesh with a 'data' axis to assemble montages per device, or None.
+    downsample: montage downsampling ('nearest' or 'antialias').
+    target_whole_crops_only: see `target_embeddings`.
+
+  Returns:
+    (loss, (metrics, new online batch_stats, new target batch_stats)).
+  """
+  targets, preds, labels = [], [], []
+  target_bs = target_vars['batch_stats']
+  for view in (0, 1):
+    canvases, lab = view_canvases(crops, view, layout, key, mesh, downsample)
+    t, target_bs = target_embeddings(
+        model, {'params': target_vars['params'], 'batch_stats': target_bs},
+        canvases, layout, target_whole_crops_only)
+    p, state = model.apply({'params': params, 'batch_stats': batch_stats}, canvases,
+                           layout, train=True, mutable=['batch_stats'])
+    batch_stats = state['batch_stats']
+    targets.append(t)
+    preds.append(p)
+    labels.append(lab)
+  loss, metrics = losses.mcl_loss(preds[0], preds[1], labels[0], labels[1],
+                                  targets[0], targets[1], tau, level_weights)
+  return loss, (metrics, batch_stats, target_bs)
+
+
+def supervised_batch_loss(model: MCLNet, params, batch_stats, crops, classes, key,
+                       layout: Layout, *, level_weights: Sequence[float],
+                       label_smoothing: float = 0.0, mesh=None,
+                       downsample: str = 'nearest'):
+  """Supervised MCL (spec section 7): tiles classified into their source's class.
+
+  Same montages, backbone, FPN and neck as `self_supervised_batch_loss`; a classifier per
+  level (or one shared) replaces predictors and target network. Summed over
+  levels and both views.
+
+  Args:
+    classes: [B_global] int class of each image (>= 0).
+    Others as in `self_supervised_batch_loss`.
+
+  Returns:
+    (loss, (metrics, new online batch_stats, {})).
+  """
+  total, metrics = 0.0, {}
+  for view in (0, 1):
+    canvases, tiles = view_canvases(crops, view, layout, key, mesh, downsample)
+    logits, state = model.apply({'params': params, 'batch_stats': batch_stats}, canvases,
+                                layout, train=True, method=MCLNet.classify,
+                                mutable=['batch_stats'])
+    batch_stats = state['batch_stats']
+    loss, m = losses.supervised_loss(logits, [classes[t] for t in tiles], level_weights,
+                                     label_smoothing)
+    total = total + loss
+    for k, v in m.items():
+      metrics[k] = metrics.get(k, 0.0) + (v if k.startswith('loss') else v / 2)
+  metrics['loss'] = total
+  return total, (metrics, batch_stats, {})
+
+
+def batch_loss_fn(config, model: MCLNet, layout: Layout, mesh=None):
+  """The config's batch loss as loss_fn(params, state, crops, labels, key).
+
+  `state` supplies the online batch_stats and the target (a TrainState, or
+  anything with those fields); `labels` are read by the supervised objective
+  only. Returns (loss, (metrics, new online batch_stats, new target
+  batch_stats)); differentiate it with respect to `params`.
+  """
+  l, downsample = config.loss, config.montage.downsample
+
+  if config.objective == 'supervised':
+    def loss_fn(params, state, crops, labels, key):
+      return supervised_batch_loss(
+          model, params, state.batch_stats, crops, labels, key, layout,
+          level_weights=l.level_weights, label_smoothing=l.label_smoothing, mesh=mesh,
+          downsample=downsample)
+  else:
+    def loss_fn(params, state, crops, labels, key):
+      del labels  # self-supervised
+      return self_supervised_batch_loss(
+          model, params, state.batch_stats,
+          {'params': state.target_params, 'batch_stats': state.target_batch_stats},
+          crops, key, layout, tau=l.tau, level_weights=l.level_weights, mesh=mesh,
+          downsample=downsample,
+          target_whole_crops_only=config.model.target_whole_crops_only)
+  return loss_fn
