@@ -31,7 +31,6 @@ def get_config():
   c.data.image_size = 32
   c.data.shuffle_buffer = 2048
   c.data.num_classes = 10
-  c.data.num_train_examples = 1438  # digits minus the 20% held out
   c.data.crop_scale = (0.5, 1.0)
   c.augment.blur_p = (0.0, 0.0)
   c.augment.flip_p = (0.0, 0.0)

@@ -39,7 +39,7 @@ def get_config():
   c.data.crop_ratio = (3.0 / 4.0, 4.0 / 3.0)
   c.data.shuffle_buffer = 16_384
   c.data.prefetch = 2
-  c.data.num_train_examples = 1_281_167  # used to turn epochs into steps
+  c.data.num_train_examples = 1_281_167  # tfds: epochs -> steps before the dataset is prepared
   c.data.num_classes = 1000
   c.data.digits_heldout_fraction = 0.2
   c.data.num_threads = ml_collections.config_dict.placeholder(int)  # tf.data threads; None: all cores

@@ -20,7 +20,6 @@ Command line (prints random init vs trained):
 
 import argparse
 import functools
-import os
 import warnings
 from typing import Any
 
@@ -29,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from mcl_jax import model as model_lib
+from mcl_jax import losses, model as model_lib
 
 KNN_K = 20
 KNN_T = 0.07
@@ -110,11 +109,6 @@ def extract_features(model, variables, images_uint8: np.ndarray, aug_cfg,
 # ------------------------------------------------------------------------ kNN --
 
 
-def l2_normalise(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
-  x = np.asarray(x, np.float32)
-  return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), eps)
-
-
 @functools.partial(jax.jit, static_argnames=('k', 'num_classes'))
 def _knn_predict(queries, memory, memory_labels, k: int, t: float, num_classes: int):
   """Weighted-vote class predictions of a chunk of L2-normalised queries."""
@@ -143,9 +137,9 @@ def knn_predict(train_f, train_y, test_f, k: int = KNN_K, t: float = KNN_T,
   train_y = np.asarray(train_y, np.int32)
   num_classes = int(train_y.max()) + 1 if num_classes is None else num_classes
   k = min(k, len(train_y))
-  memory = jnp.asarray(l2_normalise(train_f))
+  memory = losses.l2_normalize(jnp.asarray(train_f))
   labels = jnp.asarray(train_y)
-  queries = l2_normalise(test_f)
+  queries = np.asarray(losses.l2_normalize(jnp.asarray(test_f)))
   chunk = max(1, min(chunk, len(queries)))
   preds = []
   for start in range(0, len(queries), chunk):
@@ -200,13 +194,6 @@ def linear_probe(train_f, train_y, test_f, test_y, c: float = 1.0,
 # ----------------------------------------------------------------------- data --
 
 
-def eval_splits(data_cfg) -> tuple[str, str]:
-  """(memory / training split, query / test split) of a data config."""
-  if data_cfg.source == 'digits':
-    return 'train', 'heldout'
-  return data_cfg.train_split, data_cfg.eval_split
-
-
 def _labelled(x, y):
   keep = np.asarray(y) >= 0
   return np.asarray(x)[keep], np.asarray(y, np.int32)[keep]
@@ -222,13 +209,13 @@ def _holdout(x, y, fraction: float, seed: int = 0):
 def load_eval_data(data_cfg, max_train: int | None = None, max_test: int | None = None):
   """((train images, labels), (test images, labels)) via input_pipeline.load_eval_arrays.
 
-  An image folder without train / eval split subfolders is split 80 / 20.
-  Unlabelled images (label -1) are dropped.
+  The source names the two splits; one without a held-out split (an image
+  folder without train / eval split subfolders) is split 80 / 20. Unlabelled
+  images (label -1) are dropped.
   """
   from mcl_jax import input_pipeline  # pylint: disable=import-outside-toplevel
-  train_split, test_split = eval_splits(data_cfg)
-  if data_cfg.source == 'folder' and not any(
-      os.path.isdir(os.path.join(data_cfg.folder, s)) for s in (train_split, test_split)):
+  train_split, test_split = input_pipeline.eval_splits(data_cfg)
+  if not input_pipeline.has_heldout_split(data_cfg):
     x, y = _labelled(*input_pipeline.load_eval_arrays(data_cfg, train_split))
     train, test = _holdout(x, y, FOLDER_HELDOUT_FRACTION)
     train, test = (train[0][:max_train], train[1][:max_train]), (test[0][:max_test], test[1][:max_test])

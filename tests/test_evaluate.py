@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import mcl_jax
-from mcl_jax import evaluate, model as model_lib
+from mcl_jax import evaluate, input_pipeline, model as model_lib
 from mcl_jax.model import MCLNet
 
 
@@ -158,6 +158,9 @@ def test_cli_with_patched_loaders(tiny, monkeypatch, capsys):
 
   fake = types.ModuleType('mcl_jax.input_pipeline')
   fake.load_eval_arrays = load_eval_arrays
+  # The source still names its splits: only the arrays are faked.
+  fake.eval_splits = input_pipeline.eval_splits
+  fake.has_heldout_split = input_pipeline.has_heldout_split
   monkeypatch.setitem(sys.modules, 'mcl_jax.input_pipeline', fake)
   monkeypatch.setattr(mcl_jax, 'input_pipeline', fake, raising=False)
   cfg = ml_collections.ConfigDict(config.to_dict())

@@ -1,5 +1,6 @@
 """Tests of mcl_jax.input_pipeline: sources, sharding, determinism, errors."""
 
+import dataclasses
 import io
 import itertools
 
@@ -294,3 +295,42 @@ def test_tfds_missing_dataset_error(tmp_path):
   with pytest.raises(ip.DatasetNotFoundError, match='unknown TFDS dataset'):
     ip.create_train_iterator(cfg, global_batch=4, seed=0, process_index=0,
                              process_count=1)
+
+
+# ---- the source table and the spec ------------------------------------------
+
+
+def test_unknown_source_is_one_error():
+  cfg = _data_cfg(source='imagenet_folder')
+  asks = [lambda: ip.num_train_examples(cfg),
+          lambda: ip.steps_per_epoch(cfg, 4),
+          lambda: ip.require_labels(cfg),
+          lambda: ip.create_train_iterator(cfg, global_batch=2, seed=0,
+                                           process_index=0, process_count=1),
+          lambda: ip.load_eval_arrays(cfg, 'train'),
+          lambda: ip.eval_splits(cfg),
+          lambda: ip.has_heldout_split(cfg)]
+  messages = set()
+  for ask in asks:
+    with pytest.raises(ValueError) as err:
+      ask()
+    assert type(err.value) is ValueError  # not a missing-data error
+    messages.add(str(err.value))
+  assert messages == {"unknown data.source 'imagenet_folder': expected one "
+                      "of 'tfds', 'folder', 'digits'"}
+
+
+def test_spec_reads_every_base_data_field():
+  data = get_config().data
+  spec = ip.DataSpec.from_config(data)
+  # Every field the data code reads is in the base config, and every base
+  # data field is read: no defaults, no dead settings.
+  assert ({f.name for f in dataclasses.fields(ip.DataSpec)} ==
+          set(data.keys()))
+  assert spec.crop_scale == (0.2, 1.0) and spec.num_threads is None
+  assert ip.DataSpec.from_config(spec) is spec
+  with pytest.raises(dataclasses.FrozenInstanceError):
+    spec.image_size = 32
+  del data.eval_crop_fraction
+  with pytest.raises(AttributeError):
+    ip.DataSpec.from_config(data)
