@@ -40,7 +40,10 @@ from mcl_jax import model as model_lib  # noqa: E402
 from mcl_jax import train  # noqa: E402
 
 REL = 1e-4
-GRAD_REL = 1e-3
+# Softplus gradients: measured <= 3.9e-5 over 32 px seeds 0-1 and 64 px
+# seeds 0-5. With ReLU the same check needed 1e-3 where no kink was hit
+# (<= 1.7e-4) and failed at 64 px seed 2 (0.11, layer4.0.conv1).
+GRAD_REL = 2e-4
 
 
 def _random_variables(net, layout, image_size, rng):
@@ -177,13 +180,18 @@ def smooth_activation(monkeypatch):
   monkeypatch.setattr(tr, 'activation', torch.nn.functional.softplus)
 
 
-@pytest.mark.parametrize('image_size,seed', [(32, 0), (64, 1)])
+# 64 px seed 2 is a case where ReLU's gradients differ by 11% between the two
+# sides (a pre-activation at float32 noise from 0) while the losses agree.
+CASES = [(32, 0), (64, 2)]
+
+
+@pytest.mark.parametrize('image_size,seed', CASES)
 def test_losses_match_with_relu(image_size, seed):
   """32 px: test_tiny, 1 x 1 regions; 64 px: 2 x 2 regions. Two groups, neck_regions='all'."""
   _compare(image_size, seed, grads=False)
 
 
-@pytest.mark.parametrize('image_size,seed', [(32, 0), (64, 1)])
+@pytest.mark.parametrize('image_size,seed', CASES)
 def test_losses_and_gradients_match_with_softplus(image_size, seed, monkeypatch):
   """The same configs with softplus: the gradients are continuous in the pre-activations."""
   smooth_activation(monkeypatch)
