@@ -10,7 +10,7 @@ Device: `augment_crops` under jit on whatever JAX backend is present, median
 wall time per batch after a warm-up call, with block_until_ready.
 
 Usage:
-  python benchmarks/input_pipeline.py [--json out.json]
+  python -m benchmarks.input_pipeline [--json out.json]
 """
 
 import argparse

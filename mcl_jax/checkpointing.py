@@ -113,7 +113,8 @@ def _tuplify(x):
 SHAPE_FIELDS = ('objective', 'model.depth', 'model.width', 'model.stage_sizes',
                 'model.block', 'model.fpn_channels', 'model.neck_convs',
                 'model.neck_hidden', 'model.embed_dim', 'model.predictor_hidden',
-                'loss.level_weights', 'loss.classifier', 'data.num_classes')
+                'loss.level_weights', 'loss.classifier', 'data.num_classes',
+                'optim.lars_trust_ratio')  # its optimizer state has another tree
 
 
 def _get(config, dotted):

@@ -21,7 +21,7 @@ import jax
 import numpy as np
 import pytest
 
-import subprocess_runs as runs
+from tests import subprocess_runs as runs
 from configs import test_tiny
 from mcl_jax import checkpointing, config_validation, logs, train
 from mcl_jax import state as state_lib
