@@ -70,6 +70,17 @@ def main(argv) -> int:
   config_validation.validate(config, 1, 1)
   workdir = f.workdir or os.path.join('runs', os.path.splitext(os.path.basename(
       config_flags.get_config_filename(f['config'])))[0])
+  if config.data.source != 'tfds':
+    # A missing or empty image folder fails now, before TensorFlow and JAX
+    # start; train_and_evaluate asks again (the folder scan is cached), and
+    # checks tfds data, which needs TensorFlow, before any set-up.
+    from mcl_jax import input_pipeline  # pylint: disable=import-outside-toplevel
+    try:
+      input_pipeline.num_train_examples(config.data)
+    except input_pipeline.DatasetNotFoundError:
+      raise
+    except ValueError as e:  # an unknown data.source
+      raise config_validation.ConfigError(str(e)) from e
   # Keep TensorFlow (tf.data only) off the accelerators before anything imports it.
   from mcl_jax.data import lazy_tf  # pylint: disable=import-outside-toplevel
   with cli.native_stderr_to_log('tensorflow'):

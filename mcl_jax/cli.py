@@ -198,8 +198,10 @@ def _config_error(exc: BaseException, argv: Sequence[str], flag: str) -> UsageEr
     right, wrong = m.groups()
     bad = next((a.split('=')[0] for a in argv if a.startswith(f'--{flag}.')
                 and re.search(rf'(^|\.){re.escape(wrong)}(=|\.|$)', a.split('=')[0][2:])), None)
-    bad = bad or f'--{flag}.…{wrong}'
-    fixed = re.sub(rf'(\.){re.escape(wrong)}$', rf'\g<1>{right}', bad)
+    bad = bad or f'--{flag}.{wrong}'
+    parts = bad[len(flag) + 3:].split('.')
+    parts[parts.index(wrong) if wrong in parts else -1] = right
+    fixed = f'--{flag}.' + '.'.join(parts)
     return UsageError(f'{bad}: the config has no field {wrong!r}; did you mean {fixed}?')
   # A config file that does not load: the first line names the file, the
   # innermost cause says why (ml_collections nests them).
