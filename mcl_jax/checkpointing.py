@@ -332,8 +332,10 @@ def load_variables(workdir: str, step: int | None = None, which: str = 'online')
     raise ValueError(f"which={which!r}: must be 'online' or 'target'")
   config = check_readable(workdir, step)
   # Tools need the state's shapes only, which the schedule's length does not
-  # change: the optimizer is built for a one-step run.
-  abstract = state_lib.abstract_train_state(config, state_lib.create_optimizer(config, 1))
+  # change: the optimizer is built for a short run, one step past the warm-up
+  # (a shorter one would make optax build a zero-length warm-up and say so).
+  tx = state_lib.create_optimizer(config, int(config.optim.warmup_steps) + 2)
+  abstract = state_lib.abstract_train_state(config, tx)
   manager = make_manager(workdir, config.keep_checkpoints, async_save=False, create=False)
   try:
     state, got = restore_latest(manager, abstract, step, quarantine_corrupt=False)

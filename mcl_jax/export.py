@@ -268,7 +268,6 @@ def main(argv=None) -> int:
   if args.format == 'torchvision':
     _torch()  # before minutes of loading: say now what to install
   from mcl_jax import checkpointing  # pylint: disable=import-outside-toplevel
-  checkpointing.check_readable(args.workdir, args.step)
   _, variables = checkpointing.load_variables(args.workdir, step=args.step, which=args.which)
   os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
   names = export(variables, args.format, args.out)
