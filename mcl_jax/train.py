@@ -351,7 +351,14 @@ def _run(run: _Run, manager, stop: _StopSignal) -> dict:
       if step == start == 0 and config.montage_png:
         visualize.write_montage_png(config, batch['crops'],
                                     os.path.join(run.workdir, 'montage.png'))
-      state, metrics = train_step(state, batch['crops'], batch['label'])
+      if step == start:
+        # The first call compiles. XLA's "Very slow compile?" alarm, printed
+        # from C++ on a busy CPU, goes to the log file, not the console.
+        logging.info('Compiling the train step (the first step; minutes on a CPU)...')
+        with cli.native_stderr_to_log('xla'):
+          state, metrics = train_step(state, batch['crops'], batch['label'])
+      else:
+        state, metrics = train_step(state, batch['crops'], batch['label'])
       if pending is not None:
         last = _finish_step(*pending, writer, config, last_saved)
       pending = (step, metrics)
