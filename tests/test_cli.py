@@ -17,7 +17,7 @@ import sys
 
 import pytest
 
-import subprocess_runs as runs
+from tests import subprocess_runs as runs
 
 REPO = runs.REPO
 MAIN = os.path.join(REPO, 'main.py')

@@ -14,8 +14,8 @@ import json
 import math
 import os
 
-import imagenet_archives
-import subprocess_runs as runs
+from tests import imagenet_archives
+from tests import subprocess_runs as runs
 
 
 def test_main_prepares_imagenet2012_from_manual_archives_and_trains(tmp_path):
