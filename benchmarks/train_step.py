@@ -27,7 +27,8 @@ epochs).
 
 With --ab, a baseline and a variant config are both compiled and their steps
 alternated in one process (the way to measure an option's saving on a shared
-machine). --small-map-convs xla (or --ab small_map_convs=xla) puts the convs
+machine). `--ab crop_on=device[,max_side=M]` measures what cutting the crops in
+the step (mcl_jax/device_crops.py) adds to it. --small-map-convs xla (or --ab small_map_convs=xla) puts the convs
 with <= 2x2 outputs back on XLA's convolution instead of resnet.Conv's dense
 matmuls, for before/after timings; see docs/PERFORMANCE.md.
 
@@ -35,6 +36,7 @@ Examples:
   python -m benchmarks.train_step --preset tiny --breakdown
   python -m benchmarks.train_step --preset demo --devices 1 --ab small_map_convs=xla
   python -m benchmarks.train_step --preset r50-small --ab neck_regions=used
+  python -m benchmarks.train_step --preset r50-small --ab crop_on=device,max_side=160
   python -m benchmarks.train_step --preset r50-small --steps 3 --json /tmp/r50.json
   python -m benchmarks.train_step --preset r50-224 --batch 64 --dtype bfloat16   # GPU
 """
@@ -199,8 +201,33 @@ def log_compiles():
 
 # -------------------------------------------------------------------- bench --
 
+def synthetic_images(config, key):
+  """The step's images argument: uint8 crops, or with data.crop_on='device' the
+  padded buffers (500x375 valid, capped at data.max_side) with 0.2-1 area,
+  3/4-4/3 aspect windows."""
+  import jax
+  import jax.numpy as jnp
+  b, s, n = config.optim.global_batch, config.data.image_size, config.data.num_crops
+  if config.data.crop_on != 'device':
+    return jax.random.randint(key, (b, n, s, s, 3), 0, 256, jnp.int32).astype(jnp.uint8)
+  m = config.data.max_side
+  h, w = round(375 * min(1.0, m / 500)), min(m, 500)
+  k_img, k_area, k_ratio, k_y, k_x = jax.random.split(key, 5)
+  area = jax.random.uniform(k_area, (b, n), minval=0.2, maxval=1.0) * h * w
+  aspect = jnp.exp(jax.random.uniform(k_ratio, (b, n), minval=jnp.log(3 / 4),
+                                      maxval=jnp.log(4 / 3)))
+  cw = jnp.minimum(jnp.round(jnp.sqrt(area * aspect)), w)
+  ch = jnp.minimum(jnp.round(jnp.sqrt(area / aspect)), h)
+  y = jnp.floor(jax.random.uniform(k_y, (b, n)) * (h - ch + 1))
+  x = jnp.floor(jax.random.uniform(k_x, (b, n)) * (w - cw + 1))
+  image = jax.random.randint(k_img, (b, m, m, 3), 0, 256, jnp.int32).astype(jnp.uint8)
+  return {'image': image, 'size': jnp.tile(jnp.array([[h, w]], jnp.int32), (b, 1)),
+          'windows': jnp.stack([y, x, ch, cw], -1)}
+
+
 def setup(config, num_devices):
-  """Mesh, initial state, the jitted step, synthetic uint8 crops on device."""
+  """Mesh, initial state, the jitted step, synthetic images on device (uint8
+  crops, or buffers + windows with data.crop_on='device')."""
   import jax
   import jax.numpy as jnp
   from jax.sharding import NamedSharding, PartitionSpec as P
@@ -211,11 +238,9 @@ def setup(config, num_devices):
   tx = state_lib.create_optimizer(config, num_steps)
   state = jax.jit(lambda k: state_lib.create_train_state(config, k, tx),
                   out_shardings=rep)(jax.random.key(0))
-  b, s = config.optim.global_batch, config.data.image_size
-  crops = jax.jit(
-      lambda k: jax.random.randint(k, (b, config.data.num_crops, s, s, 3), 0, 256,
-                                   jnp.int32).astype(jnp.uint8),
-      out_shardings=shard)(jax.random.key(1))
+  b = config.optim.global_batch
+  crops = jax.jit(lambda k: synthetic_images(config, k),
+                  out_shardings=shard)(jax.random.key(1))
   labels = jax.device_put(jnp.zeros((b,), jnp.int32), shard)
   step = train.make_train_step(config, mesh, tx, num_steps)
   return mesh, state, crops, labels, step
@@ -292,7 +317,9 @@ def bench_step(config, args) -> dict:
 # ---------------------------------------------------------------------- A/B --
 
 AB_FIELDS = {'neck_regions': str, 'target_whole_crops_only': lambda v: bool(int(v)),
-             'dtype': str, 'region_path': str, 'small_map_convs': str}
+             'dtype': str, 'region_path': str, 'small_map_convs': str,
+             'crop_on': str, 'max_side': int}
+DATA_FIELDS = ('crop_on', 'max_side')  # --ab fields of config.data
 
 
 def parse_ab(spec: str) -> dict:
@@ -322,6 +349,8 @@ def ab_compare(config, args) -> dict:
   for k, v in overrides.items():
     if k == 'dtype':
       variant.model.dtype = v
+    elif k in DATA_FIELDS:
+      setattr(variant.data, k, v)
     elif k != 'small_map_convs':
       setattr(variant.model, k, v)
   sides = {}
@@ -344,7 +373,8 @@ def ab_compare(config, args) -> dict:
                    'options': {'neck_regions': cfg.model.neck_regions,
                                'target_whole_crops_only': bool(cfg.model.target_whole_crops_only),
                                'dtype': cfg.model.dtype, 'region_path': cfg.model.region_path,
-                               'small_map_convs': mode}}
+                               'small_map_convs': mode, 'crop_on': cfg.data.crop_on,
+                               'max_side': cfg.data.max_side}}
   for r in range(0 if args.compile_only else args.warmup + args.steps):
     order = ('baseline', 'variant') if r % 2 == 0 else ('variant', 'baseline')
     this_round = {}

@@ -45,6 +45,13 @@ def get_config():
   c.data.num_threads = ml_collections.config_dict.placeholder(int)  # tf.data threads; None: all cores
   c.data.tfds_download_and_prepare = False  # True: build a missing TFDS dataset on first use
   c.data.eval_crop_fraction = 0.875  # eval: shorter side -> image_size / 0.875, centre crop
+  # Where the random-resized crops are cut and resized. 'host': the host sends
+  # num_crops uint8 crops per image. 'device': the host only decodes (the
+  # union of the crop windows, downscaled to max_side if longer) and sends
+  # one padded max_side^2 buffer + the windows; mcl_jax/device_crops.py cuts
+  # and resizes them inside the train step.
+  c.data.crop_on = 'host'  # 'host' | 'device'
+  c.data.max_side = 512  # crop_on='device': buffer side; at scale 0.2 crops keep >= ~200 px
 
   # ---- device augmentation: view A (crops 0-3) and view B (crops 4-7) -----
   c.augment = ml_collections.ConfigDict()

@@ -90,6 +90,11 @@ def validate(config, num_devices: int = 1, num_processes: int = 1):
   _require(d.num_crops >= 2 * levels and d.num_crops % 2 == 0, 'data.num_crops',
            d.num_crops, f'needs an even count >= 2 x {levels} levels (one crop per '
            'level and view)')
+  _require(d.crop_on in ('host', 'device'), 'data.crop_on', d.crop_on,
+           "must be 'host' or 'device'")
+  _require(_is_int(d.max_side) and d.max_side >= d.image_size, 'data.max_side', d.max_side,
+           f'must be an integer >= data.image_size ({d.image_size}): the device cuts '
+           'crops from a buffer of this side, and a smaller one would upsample every crop')
   _require(m.region_path in ('reshape', 'roi_align'), 'model.region_path', m.region_path,
            "must be 'reshape' or 'roi_align'")
   _require(m.neck_regions in ('all', 'used'), 'model.neck_regions', m.neck_regions,

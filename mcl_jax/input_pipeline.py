@@ -2,7 +2,11 @@
 
 MCL_SPEC.md section 1, step 1: every image yields `num_crops` independent
 random-resized crops (uint8, `image_size` square); the rest of the
-augmentation runs on the device (`mcl_jax.augment`).
+augmentation runs on the device (`mcl_jax.augment`). The crop windows are
+always drawn here; `data.crop_on` says where they are cut and resized: on the
+host ('host': batches carry 'crops'), or in the train step ('device': batches
+carry the decoded image in a padded buffer with its size and windows, and
+`mcl_jax.device_crops` cuts them).
 
 Owns the source table and the public questions asked of the configured
 source: `num_train_examples` / `steps_per_epoch`, `require_labels`,
@@ -119,7 +123,8 @@ def create_train_iterator(data_cfg, *, global_batch: int, seed: int,
   Returns:
     A `TrainIterator` of dicts {'crops': uint8 [local_batch, num_crops, S, S,
     3], 'label': int32 [local_batch]}, local_batch = global_batch //
-    process_count.
+    process_count; with data.crop_on='device', 'image', 'size' and 'windows'
+    replace 'crops' (see `TrainIterator`).
 
   Raises:
     DatasetNotFoundError: the configured data is missing (the message says

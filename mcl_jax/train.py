@@ -23,7 +23,8 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from mcl_jax import augment, checkpointing, cli, config_validation, logs, montage, objective
+from mcl_jax import augment, checkpointing, cli, config_validation, device_crops, logs
+from mcl_jax import montage, objective
 from mcl_jax import model as model_lib
 from mcl_jax import state as state_lib
 from mcl_jax import visualize
@@ -34,9 +35,12 @@ class NonFiniteError(FloatingPointError):
 
 
 def make_train_step(config, mesh, tx: optax.GradientTransformation, num_steps: int):
-  """The jitted train step: (state, crops uint8, labels) -> (state, metrics).
+  """The jitted train step: (state, images, labels) -> (state, metrics).
 
-  crops: [global_batch, num_crops, S, S, 3] uint8, sharded over 'data';
+  images: `device_crops.step_images(batch, config.data.crop_on)`, sharded
+  over 'data': with crop_on='host' the uint8 crops [global_batch, num_crops,
+  S, S, 3]; with 'device' the dict of padded buffers, valid sizes and crop
+  windows, cut into those crops first thing in the step.
   labels: [global_batch] int (read by the supervised objective only).
   Per-step randomness (augmentation, montage) is fold_in(seed key, step), so
   a resumed run draws exactly what an uninterrupted one would.
@@ -46,9 +50,10 @@ def make_train_step(config, mesh, tx: optax.GradientTransformation, num_steps: i
   schedule = state_lib.lr_schedule(config, num_steps)
   base_key = jax.random.key(config.seed)
 
-  def step_fn(state: state_lib.TrainState, crops_u8, labels):
+  def step_fn(state: state_lib.TrainState, images, labels):
     key = jax.random.fold_in(base_key, state.step)
     aug_key, montage_key = jax.random.split(key)
+    crops_u8 = device_crops.crops_of(images, config.data)
     crops = augment.augment_crops(crops_u8, aug_key, config.augment, config.data.num_crops)
     (_, (metrics, batch_stats, target_bs)), grads = jax.value_and_grad(
         loss_fn, has_aux=True)(state.params, state, crops, labels, montage_key)
@@ -348,17 +353,18 @@ def _run(run: _Run, manager, stop: _StopSignal) -> dict:
   try:
     for step in range(start, num_steps):
       batch = input_pipeline.to_global_batch(next(data), batch_sharding)
+      images = device_crops.step_images(batch, config.data.crop_on)
       if step == start == 0 and config.montage_png:
-        visualize.write_montage_png(config, batch['crops'],
+        visualize.write_montage_png(config, device_crops.crops_of(images, config.data),
                                     os.path.join(run.workdir, 'montage.png'))
       if step == start:
         # The first call compiles. XLA's "Very slow compile?" alarm, printed
         # from C++ on a busy CPU, goes to the log file, not the console.
         logging.info('Compiling the train step (the first step; minutes on a CPU)...')
         with cli.native_stderr_to_log('xla'):
-          state, metrics = train_step(state, batch['crops'], batch['label'])
+          state, metrics = train_step(state, images, batch['label'])
       else:
-        state, metrics = train_step(state, batch['crops'], batch['label'])
+        state, metrics = train_step(state, images, batch['label'])
       if pending is not None:
         last = _finish_step(*pending, writer, config, last_saved)
       pending = (step, metrics)

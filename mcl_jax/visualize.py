@@ -16,7 +16,7 @@ import jax
 from ml_collections import config_flags
 import numpy as np
 
-from mcl_jax import augment, cli, montage, objective
+from mcl_jax import augment, cli, device_crops, montage, objective
 
 
 def grid_image(crops_float01, gap: int = 2, view_gap: int = 8) -> np.ndarray:
@@ -134,9 +134,11 @@ def main(argv) -> int:
   from mcl_jax import input_pipeline  # pylint: disable=import-outside-toplevel
   config = f.config
   batch = max(f.num_images, config.montage.group_size if f.montage_out else 0)
-  crops_u8 = next(input_pipeline.create_train_iterator(
+  batch = next(input_pipeline.create_train_iterator(
       config.data, global_batch=batch, seed=f.seed, process_index=0,
-      process_count=1))['crops']
+      process_count=1))
+  crops_u8 = np.asarray(device_crops.crops_of(
+      device_crops.step_images(batch, config.data.crop_on), config.data))
   crops = augmented_crops(config, crops_u8[:f.num_images], jax.random.key(f.seed))
   crops_grid_png(crops, f.out)
   print(f'wrote {f.out}: {crops.shape[0]} images x {crops.shape[1]} crops (view A | view B)')

@@ -11,7 +11,11 @@ import pytest
 import tensorflow_datasets as tfds
 
 from configs.mcl_100ep import get_config
+from mcl_jax import device_crops
 from mcl_jax import input_pipeline as ip
+
+# Tests of both crop paths (data.crop_on) run once per path.
+both_paths = pytest.mark.parametrize('crop_on', ['host', 'device'])
 
 
 def _data_cfg(**overrides):
@@ -19,9 +23,20 @@ def _data_cfg(**overrides):
   cfg.image_size = 8
   cfg.num_crops = 2
   cfg.shuffle_buffer = 64
+  cfg.max_side = 32
   for k, v in overrides.items():
     cfg[k] = v
   return cfg
+
+
+def _crops(batch, cfg):
+  """uint8 crops of a batch of either path (the device path cuts them here)."""
+  return np.asarray(device_crops.crops_of(
+      device_crops.step_images(batch, cfg.crop_on), cfg))
+
+
+def _image_keys(crop_on):
+  return {'crops'} if crop_on == 'host' else set(device_crops.DEVICE_KEYS)
 
 
 def _take(it, n):
@@ -73,16 +88,30 @@ def test_digits_shards_are_disjoint_and_cover():
   assert not np.array_equal(first, next_epoch['index'])
 
 
-def test_digits_batch_format_and_eval_split():
-  cfg = _data_cfg(source='digits', image_size=16, num_crops=3)
+@both_paths
+def test_digits_batch_format_and_eval_split(crop_on):
+  cfg = _data_cfg(source='digits', image_size=16, num_crops=3, crop_on=crop_on)
   batch = next(ip.create_train_iterator(cfg, global_batch=8, seed=0,
                                         process_index=0, process_count=1))
-  assert set(batch) == {'crops', 'label'}
-  assert batch['crops'].shape == (8, 3, 16, 16, 3)
-  assert batch['crops'].dtype == np.uint8 and batch['label'].dtype == np.int32
-  assert batch['crops'].max() > 100  # real digit strokes, not zeros
+  assert set(batch) == _image_keys(crop_on) | {'label'}
+  if crop_on == 'device':
+    assert batch['image'].shape == (8, 32, 32, 3)
+    assert batch['image'].dtype == np.uint8
+    # The buffer holds the union of the windows, which touches its edges.
+    size, w = batch['size'], batch['windows']
+    assert size.shape == (8, 2) and (size >= 1).all() and (size <= 16).all()
+    assert w.shape == (8, 3, 4) and w.dtype == np.float32
+    assert (w[..., :2] >= 0).all() and (w[..., 2:] > 0).all()
+    np.testing.assert_array_equal(w[..., :2].min(1), 0)
+    np.testing.assert_array_equal((w[..., :2] + w[..., 2:]).max(1), size)
+    for img, (h, wd) in zip(batch['image'], size):  # zero padding beyond
+      assert not img[h:].any() and not img[:, wd:].any()
+  crops = _crops(batch, cfg)
+  assert crops.shape == (8, 3, 16, 16, 3)
+  assert crops.dtype == np.uint8 and batch['label'].dtype == np.int32
+  assert crops.max() > 100  # real digit strokes, not zeros
   # Independent crops of the same image differ.
-  assert not np.array_equal(batch['crops'][:, 0], batch['crops'][:, 1])
+  assert not np.array_equal(crops[:, 0], crops[:, 1])
   x, y = ip.load_eval_arrays(cfg, 'heldout')
   xt, yt = ip.load_eval_arrays(cfg, 'train')
   assert x.shape == (359, 16, 16, 3) and x.dtype == np.uint8
@@ -94,8 +123,9 @@ def test_digits_batch_format_and_eval_split():
   assert not set(splits['train']) & set(splits['heldout'])
 
 
-def test_same_step_same_batch_and_start_step_continues():
-  cfg = _data_cfg(source='digits')
+@both_paths
+def test_same_step_same_batch_and_start_step_continues(crop_on):
+  cfg = _data_cfg(source='digits', crop_on=crop_on)
   g = 480  # 1438 // 480 = 2 steps per epoch: batch 2 starts epoch 1.
   make = lambda **kw: ip.create_train_iterator(
       cfg, global_batch=g, process_index=0, process_count=1,
@@ -105,7 +135,7 @@ def test_same_step_same_batch_and_start_step_continues():
     resumed = _take(make(seed=3, start_step=k), min(2, 4 - k))
     for i, batch in enumerate(resumed):
       _assert_batches_equal(batch, stream[k + i])
-  assert not np.array_equal(stream[0]['crops'], stream[1]['crops'])
+  assert not np.array_equal(_crops(stream[0], cfg), _crops(stream[1], cfg))
   other_seed = next(make(seed=4))
   assert not np.array_equal(other_seed['index'], stream[0]['index'])
 
@@ -163,9 +193,12 @@ def odd_folder(tmp_path_factory):
   return root, expected
 
 
-def test_folder_reads_odd_files_and_skips_corrupt(odd_folder):
+@both_paths
+def test_folder_reads_odd_files_and_skips_corrupt(odd_folder, crop_on):
   root, expected = odd_folder
-  cfg = _data_cfg(source='folder', folder=str(root), train_split='train')
+  # max_side 16 < the 40x30 files: the device path downscales them.
+  cfg = _data_cfg(source='folder', folder=str(root), train_split='train',
+                  crop_on=crop_on, max_side=16)
   index = ip.scan_folder(cfg, 'train')
   rel = [str(p)[len(str(root)) + 1:] for p in index.paths]
   assert rel == ['trunc.png', 'a/cmyk.jpg', 'a/rgb.jpg', 'a/rgb.png',
@@ -185,9 +218,10 @@ def test_folder_reads_odd_files_and_skips_corrupt(odd_folder):
   for i, batches in seen.items():
     assert len(batches) == 2
     for b in batches:
-      assert b['crops'].shape == (1, 2, 8, 8, 3)
+      crops = _crops(b, cfg)
+      assert crops.shape == (1, 2, 8, 8, 3)
       assert b['label'][0] == index.labels[i]
-      np.testing.assert_allclose(b['crops'].reshape(-1, 3).mean(0),
+      np.testing.assert_allclose(crops.reshape(-1, 3).mean(0),
                                  expected[rel[i]], atol=6, err_msg=rel[i])
   assert it.stats.skipped_at_scan == 1
   assert it.stats.failed_decodes >= 1  # trunc.png, once per epoch
@@ -254,20 +288,22 @@ def tiny_tfds(tmp_path_factory):
   return data_dir
 
 
-def test_tfds_stream(tiny_tfds):
+@both_paths
+def test_tfds_stream(tiny_tfds, crop_on):
   cfg = _data_cfg(source='tfds', tfds_name='mcltest_tiny_images',
-                  tfds_data_dir=tiny_tfds)
+                  tfds_data_dir=tiny_tfds, crop_on=crop_on)
   assert ip.num_train_examples(cfg) == 20
   make = lambda **kw: ip.create_train_iterator(
       cfg, global_batch=4, seed=0, process_count=2, **kw)
   stream = _take(make(process_index=1), 7)  # 5 steps per epoch
-  assert stream[0]['crops'].shape == (2, 2, 8, 8, 3)
+  assert set(stream[0]) == _image_keys(crop_on) | {'label'}
+  assert _crops(stream[0], cfg).shape == (2, 2, 8, 8, 3)
   assert set(np.concatenate([b['label'] for b in stream])) <= {0, 1, 2}
   for k in (3, 5):
     for i, batch in enumerate(_take(make(process_index=1, start_step=k), 2)):
       _assert_batches_equal(batch, stream[k + i])
   other = _take(make(process_index=0), 5)
-  assert not any(np.array_equal(a['crops'], b['crops'])
+  assert not any(np.array_equal(_crops(a, cfg), _crops(b, cfg))
                  for a, b in zip(other, stream))
   x, y = ip.load_eval_arrays(cfg, 'validation')
   assert x.shape == (6, 8, 8, 3) and x.dtype == np.uint8

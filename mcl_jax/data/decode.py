@@ -1,9 +1,11 @@
 """Image decoding and cropping shared by the sources.
 
 Owns RandomResizedCrop (`sample_crop_windows`, torchvision's sampling, as
-stateless TensorFlow ops), the decode of encoded bytes into crops
-(`decode_crops`: fused JPEG decode + crop in TensorFlow, PNG in TensorFlow,
-anything else in PIL), PIL's conversion of odd formats (`pil_to_rgb_uint8`),
+stateless TensorFlow ops), the decode of encoded bytes into an element's
+image features (`decode_features`: fused JPEG decode of the crop windows'
+union in TensorFlow, PNG in TensorFlow, anything else in PIL; then either the
+resized crops, data.crop_on='host', or the padded buffer and windows that the
+device crops from, 'device': `device_buffer`), PIL's conversion of odd formats (`pil_to_rgb_uint8`),
 the evaluation resize + centre crop, and `DecodeStats`, the count of files
 that could not be decoded.
 """
@@ -170,28 +172,83 @@ def _resize_windows(image, origin, windows, size: int):
   return tf.cast(tf.clip_by_value(tf.round(crops), 0.0, 255.0), tf.uint8)
 
 
-def image_crops(image, seed, spec: DataSpec):
-  """Random-resized crops of a decoded uint8 [H, W, 3] image."""
+def window_union(windows):
+  """(y0, x0, y1, x1): the smallest box holding every (y, x, h, w) window."""
+  tf = _tf()
+  return (tf.reduce_min(windows[:, 0]), tf.reduce_min(windows[:, 1]),
+          tf.reduce_max(windows[:, 0] + windows[:, 2]),
+          tf.reduce_max(windows[:, 1] + windows[:, 3]))
+
+
+def device_buffer(region, origin, windows, max_side: int):
+  """What crosses to the device when it cuts the crops (crop_on='device').
+
+  The region (the decoded union of the windows) is downscaled, bilinear with
+  antialiasing, so that its longer side is at most `max_side`, then padded at
+  the bottom and right into a fixed max_side^2 buffer; the windows move into
+  the buffer's coordinates (floats once downscaled).
+
+  Args:
+    region: uint8 [h, w, 3], the decoded union of the windows.
+    origin: (y, x) of region's top-left corner in full-image coordinates.
+    windows: int32 [n, 4] (y, x, h, w) in full-image coordinates.
+    max_side: the buffer's side.
+
+  Returns:
+    {'image': uint8 [max_side, max_side, 3], 'size': int32 [2] valid (h, w),
+     'windows': float32 [n, 4] (y, x, h, w) in buffer pixels}.
+  """
+  tf = _tf()
+  hw = tf.shape(region)[:2]
+  hw_f = tf.cast(hw, tf.float32)
+  scale = tf.minimum(1.0, max_side / tf.reduce_max(hw_f))
+  new_hw = tf.clip_by_value(tf.cast(tf.round(hw_f * scale), tf.int32), 1,
+                            max_side)
+
+  def downscale():
+    small = tf.image.resize(region, new_hw, method='bilinear', antialias=True)
+    return tf.cast(tf.clip_by_value(tf.round(small), 0.0, 255.0), tf.uint8)
+
+  region = tf.cond(tf.reduce_any(new_hw < hw), downscale, lambda: region)
+  # Per-axis factors: rounding new_hw makes them differ slightly.
+  f = tf.cast(new_hw, tf.float32) / hw_f
+  f = tf.concat([f, f], 0)
+  shift = tf.cast(tf.stack([origin[0], origin[1], 0, 0]), tf.float32)
+  buffer_windows = (tf.cast(windows, tf.float32) - shift) * f
+  image = tf.image.pad_to_bounding_box(region, 0, 0, max_side, max_side)
+  return {'image': image, 'size': new_hw, 'windows': buffer_windows}
+
+
+def _finish(region, origin, windows, spec: DataSpec):
+  """The element's image features from its decoded union of windows.
+
+  'host': {'crops': uint8 [n, S, S, 3]}; 'device': `device_buffer`.
+  """
+  if spec.crop_on == 'device':
+    return device_buffer(region, origin, windows, spec.max_side)
+  return {'crops': _resize_windows(region, origin, windows, spec.image_size)}
+
+
+def image_features(image, seed, spec: DataSpec):
+  """The image features (see `_finish`) of a decoded uint8 [H, W, 3] image."""
   tf = _tf()
   shape = tf.shape(image)
   windows = sample_crop_windows(seed, shape[0], shape[1], spec.num_crops,
                                 spec.crop_scale, spec.crop_ratio)
-  return _resize_windows(image, (0, 0), windows, spec.image_size)
+  y0, x0, y1, x1 = window_union(windows)
+  return _finish(image[y0:y1, x0:x1], (y0, x0), windows, spec)
 
 
-def _jpeg_crops(data, seed, spec: DataSpec):
-  """Crops of a JPEG, decoding only the union of the crop windows."""
+def _jpeg_features(data, seed, spec: DataSpec):
+  """A JPEG's image features, decoding only the union of the crop windows."""
   tf = _tf()
   shape = tf.image.extract_jpeg_shape(data)
   windows = sample_crop_windows(seed, shape[0], shape[1], spec.num_crops,
                                 spec.crop_scale, spec.crop_ratio)
-  y0 = tf.reduce_min(windows[:, 0])
-  x0 = tf.reduce_min(windows[:, 1])
-  y1 = tf.reduce_max(windows[:, 0] + windows[:, 2])
-  x1 = tf.reduce_max(windows[:, 1] + windows[:, 3])
-  image = tf.image.decode_and_crop_jpeg(
+  y0, x0, y1, x1 = window_union(windows)
+  region = tf.image.decode_and_crop_jpeg(
       data, tf.stack([y0, x0, y1 - y0, x1 - x0]), channels=3)
-  return _resize_windows(image, (y0, x0), windows, spec.image_size)
+  return _finish(region, (y0, x0), windows, spec)
 
 
 def _png_to_uint8(data):
@@ -202,12 +259,13 @@ def _png_to_uint8(data):
   return tf.cast((x * 255 + 32767) // 65535, tf.uint8)
 
 
-def decode_crops(data, force_pil, seed, spec: DataSpec, pil_decoder):
-  """Encoded image bytes -> (uint8 [n, S, S, 3] crops, ok).
+def decode_features(data, force_pil, seed, spec: DataSpec, pil_decoder):
+  """Encoded image bytes -> (image features, ok).
 
-  JPEG: fused decode + crop in TensorFlow. PNG: TensorFlow. Anything else, or
-  when `force_pil`: PIL in a numpy_function, which reports failures as ok =
-  False instead of raising.
+  The features are {'crops': uint8 [n, S, S, 3]} when `spec.crop_on` is
+  'host', else `device_buffer`'s dict. JPEG: fused decode + crop in
+  TensorFlow. PNG: TensorFlow. Anything else, or when `force_pil`: PIL in a
+  numpy_function, which reports failures as ok = False instead of raising.
   """
   tf = _tf()
   magic = tf.strings.substr(data, 0, 8)
@@ -215,17 +273,17 @@ def decode_crops(data, force_pil, seed, spec: DataSpec, pil_decoder):
   is_png = magic == _PNG_MAGIC
 
   def tf_jpeg():
-    return _jpeg_crops(data, seed, spec), tf.constant(True)
+    return _jpeg_features(data, seed, spec), tf.constant(True)
 
   def tf_png():
-    return image_crops(_png_to_uint8(data), seed, spec), tf.constant(True)
+    return image_features(_png_to_uint8(data), seed, spec), tf.constant(True)
 
   def pil():
     image, ok = tf.numpy_function(pil_decoder, [data], [tf.uint8, tf.bool],
                                   stateful=False)
     image.set_shape([None, None, 3])
     ok.set_shape([])
-    return image_crops(image, seed, spec), ok
+    return image_features(image, seed, spec), ok
 
   return tf.cond(
       is_jpeg & ~force_pil, tf_jpeg,

@@ -105,7 +105,7 @@ def train_stream(spec: DataSpec, plan_for, seed: int,
 
   def element_fn(i, elem_seed):
     image = _upsample(tf.gather(t_images, i), spec.image_size)
-    return (decode.image_crops(image, elem_seed, spec),
+    return (decode.image_features(image, elem_seed, spec),
             tf.gather(t_labels, i), tf.constant(True))
 
   # 'index' reports the row in load_digits(), not the train-list position.

@@ -228,9 +228,9 @@ def train_stream(spec: DataSpec, plan_for, seed: int,
 
   def element_fn(i, elem_seed):
     data = tf.io.read_file(tf.gather(t_paths, i))
-    crops, ok = decode.decode_crops(data, tf.gather(t_force_pil, i),
-                                    elem_seed, spec, pil_decoder)
-    return crops, tf.gather(t_labels, i), ok
+    features, ok = decode.decode_features(data, tf.gather(t_force_pil, i),
+                                          elem_seed, spec, pil_decoder)
+    return features, tf.gather(t_labels, i), ok
 
   ds = stream.indexed_stream(len(index.paths), plan, seed, element_fn,
                              include_index, spec)

@@ -18,12 +18,14 @@ class DataSpec:
   source: str
   train_split: Optional[str]
   eval_split: Optional[str]
-  # Host crops.
+  # Crops (cut on the host or, from a padded buffer, on the device).
   image_size: int
   num_crops: int
   crop_scale: tuple[float, float]
   crop_ratio: tuple[float, float]
   eval_crop_fraction: float
+  crop_on: str
+  max_side: int
   # tf.data.
   shuffle_buffer: int
   prefetch: int
@@ -54,6 +56,8 @@ class DataSpec:
         crop_scale=tuple(float(s) for s in d.crop_scale),
         crop_ratio=tuple(float(r) for r in d.crop_ratio),
         eval_crop_fraction=float(d.eval_crop_fraction),
+        crop_on=d.crop_on,
+        max_side=int(d.max_side),
         shuffle_buffer=int(d.shuffle_buffer),
         prefetch=int(d.prefetch),
         num_threads=int(d.num_threads) if d.num_threads else None,

@@ -133,7 +133,8 @@ def indexed_stream(num_examples: int, plan: ShardPlan, seed: int,
     num_examples: N.
     plan: this process's `ShardPlan`.
     seed: config seed.
-    element_fn: (i, element_seed) -> (crops, label, ok), i in [0, N).
+    element_fn: (i, element_seed) -> (image features, label, ok), i in
+      [0, N); the features are a dict (`decode.decode_features`).
     include_index: also emit 'index': source_ids[i], or i when None.
     spec: the data settings.
     source_ids: optional int64 [N] tensor mapping i to the source's own id.
@@ -163,8 +164,8 @@ def indexed_stream(num_examples: int, plan: ShardPlan, seed: int,
   ds = tf.data.Dataset.range(plan.start_epoch, 2**62).flat_map(epoch_indices)
 
   def load(i, position, epoch):
-    crops, label, ok = element_fn(i, element_seed(seed, epoch, position))
-    ex = {'crops': crops, 'label': tf.cast(label, tf.int32), 'ok': ok}
+    features, label, ok = element_fn(i, element_seed(seed, epoch, position))
+    ex = dict(features, label=tf.cast(label, tf.int32), ok=ok)
     if include_index:
       ex['index'] = i if source_ids is None else tf.gather(source_ids, i)
     return ex
@@ -191,8 +192,11 @@ class TrainStream(NamedTuple):
 class TrainIterator:
   """Infinite iterator of local batches.
 
-  Yields dicts with 'crops' uint8 [local_batch, num_crops, S, S, 3] and
-  'label' int32 [local_batch] (plus 'index' int64 when requested).
+  Yields dicts with 'label' int32 [local_batch] (plus 'index' int64 when
+  requested) and the image features: data.crop_on='host': 'crops' uint8
+  [local_batch, num_crops, S, S, 3]; 'device': 'image' uint8 [local_batch,
+  max_side, max_side, 3], 'size' int32 [local_batch, 2] and 'windows'
+  float32 [local_batch, num_crops, 4] (see `mcl_jax.device_crops`).
 
   Attributes:
     local_batch: examples per yielded batch.

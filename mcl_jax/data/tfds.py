@@ -1,6 +1,6 @@
 """The 'tfds' source: any TFDS image dataset.
 
-Records are read undecoded and decoded with the crop (`decode.decode_crops`:
+Records are read undecoded and decoded with the crop (`decode.decode_features`:
 a fused `tf.image.decode_and_crop_jpeg` for JPEG). Record files can only be
 streamed, so each process reads its own even split, shuffled per epoch with
 seeds derived from (seed, epoch, process), and skips consumed records
@@ -154,11 +154,11 @@ def _epoch(tfds_builder, spec: DataSpec, plan: stream.ShardPlan, seed: int,
   def load(pos, ex):
     elem_seed = stream.element_seed(seed, epoch,
                                     stream.global_position(pos, plan))
-    crops, ok = decode.decode_crops(ex[image_key], tf.constant(False),
-                                    elem_seed, spec, pil_decoder)
+    features, ok = decode.decode_features(ex[image_key], tf.constant(False),
+                                          elem_seed, spec, pil_decoder)
     label = (tf.cast(ex[label_key], tf.int32) if label_key
              else tf.constant(-1, tf.int32))
-    out = {'crops': crops, 'label': label, 'ok': ok}
+    out = dict(features, label=label, ok=ok)
     if include_index:
       out['index'] = tf.constant(-1, tf.int64)
     return out

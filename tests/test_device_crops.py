@@ -1,0 +1,149 @@
+"""Crops cut on the device (data.crop_on='device') against the host's crops."""
+
+import io
+import os
+
+import numpy as np
+from PIL import Image
+import pytest
+import tensorflow as tf
+
+from configs.mcl_100ep import get_config
+from mcl_jax import device_crops
+from mcl_jax.data import decode
+from mcl_jax.data.spec import DataSpec
+
+skimage_data = pytest.importorskip('skimage.data')
+
+
+def _jpeg(rgb, quality=90) -> bytes:
+  out = io.BytesIO()
+  Image.fromarray(rgb).save(out, 'JPEG', quality=quality)
+  return out.getvalue()
+
+
+def _spec(crop_on, **overrides) -> DataSpec:
+  cfg = get_config().data
+  cfg.crop_on = crop_on
+  for k, v in overrides.items():
+    cfg[k] = v
+  return DataSpec.from_config(cfg)
+
+
+def _features(data, seed, spec):
+  feats, ok = decode.decode_features(tf.constant(data), tf.constant(False),
+                                     tf.constant(seed, tf.int64), spec, None)
+  assert bool(ok)
+  return {k: v.numpy() for k, v in feats.items()}
+
+
+def _device_crops(buf, size):
+  return np.asarray(device_crops.crop_batch(
+      buf['image'][None], buf['size'][None], buf['windows'][None], size))[0]
+
+
+def test_resize_equals_tf_resize_of_the_cut_window():
+  """Float weights vs tf.image.resize(window, antialias) on random images."""
+  rng = np.random.default_rng(0)
+  m = 48
+  for trial in range(12):
+    h, w = rng.integers(8, m + 1, 2)
+    img = rng.uniform(0, 255, (h, w, 3)).astype(np.float32)
+    wh, ww = rng.integers(1, h + 1), rng.integers(1, w + 1)
+    y, x = rng.integers(0, h - wh + 1), rng.integers(0, w - ww + 1)
+    out = int(rng.choice([5, 16, 40]))  # down- and upscaling
+    want = tf.image.resize(img[y:y + wh, x:x + ww], [out, out], 'bilinear',
+                           antialias=True).numpy()
+    buf = np.zeros((m, m, 3), np.float32)
+    buf[:h, :w] = img
+    wy = np.asarray(device_crops.axis_weights(y, wh, h, out, m), np.float64)
+    wx = np.asarray(device_crops.axis_weights(x, ww, w, out, m), np.float64)
+    got = np.einsum('oh,hwc,pw->opc', wy, buf, wx)
+    np.testing.assert_allclose(got, want, atol=2e-3, err_msg=f'trial {trial}')
+
+
+PHOTOS = ('astronaut', 'chelsea', 'coffee', 'rocket')
+
+
+def test_device_crops_equal_host_crops_on_photos():
+  """Same JPEG, same seed: the windows agree and the crops differ by <= 1."""
+  host = _spec('host', image_size=224, num_crops=4)
+  dev = _spec('device', image_size=224, num_crops=4, max_side=640)  # no cap
+  diffs = []
+  for i, name in enumerate(PHOTOS):
+    data = _jpeg(getattr(skimage_data, name)())
+    want = _features(data, [7, i], host)['crops']
+    buf = _features(data, [7, i], dev)
+    assert buf['image'].shape == (640, 640, 3)
+    np.testing.assert_array_equal(buf['windows'], np.round(buf['windows']))
+    got = _device_crops(buf, 224)
+    diff = np.abs(got.astype(int) - want.astype(int))
+    print(f'{name}: max |device - host| {diff.max()}, mean {diff.mean():.4f}')
+    assert diff.max() <= 1, name
+    diffs.append(diff.mean())
+  print(f'mean |device - host| over {len(PHOTOS)} photos: {np.mean(diffs):.4f}')
+  assert np.mean(diffs) < 0.05
+
+
+def test_capped_buffer_loses_little_at_the_smallest_scale():
+  """max_side 512 on a 872x1000 photo, crops at 0.2 scale, vs uncapped."""
+  img = skimage_data.hubble_deep_field()
+  data = _jpeg(img)
+  kw = dict(image_size=224, num_crops=4, crop_scale=(0.2, 0.2))
+  host = _spec('host', **kw)
+  capped = _spec('device', max_side=512, **kw)
+  means = []
+  for seed in range(3):
+    want = _features(data, [seed, 1], host)['crops']
+    buf = _features(data, [seed, 1], capped)
+    assert buf['size'].max() == 512 and (buf['size'] <= 512).all()
+    got = _device_crops(buf, 224)
+    means.append(np.abs(got.astype(int) - want.astype(int)).mean())
+  print(f'cap 512 at scale 0.2 on {img.shape[1]}x{img.shape[0]}: mean '
+        f'|capped - uncapped| {np.mean(means):.3f} grey levels ({means})')
+  # A misplaced window would differ by tens of levels on this image.
+  assert np.mean(means) < 2.0
+
+
+def test_step_images_picks_the_path_and_crops_of_cuts():
+  rng = np.random.default_rng(1)
+  batch = {'crops': rng.integers(0, 256, (2, 2, 4, 4, 3), dtype=np.uint8),
+           'image': rng.integers(0, 256, (2, 8, 8, 3), dtype=np.uint8),
+           'size': np.array([[8, 6], [5, 8]], np.int32),
+           'windows': np.array([[[0, 0, 4, 4], [2, 1, 6, 5]],
+                                [[1, 2, 4, 6], [0, 0, 5, 8]]], np.float32),
+           'label': np.zeros((2,), np.int32)}
+  cfg = get_config().data
+  cfg.image_size = 4
+  cfg.crop_on = 'host'
+  assert device_crops.step_images(batch, 'host') is batch['crops']
+  assert device_crops.crops_of(batch['crops'], cfg) is batch['crops']
+  images = device_crops.step_images(batch, 'device')
+  assert set(images) == set(device_crops.DEVICE_KEYS)
+  cfg.crop_on = 'device'
+  crops = np.asarray(device_crops.crops_of(images, cfg))
+  for b in range(2):
+    for k in range(2):
+      y, x, h, w = batch['windows'][b, k].astype(int)
+      want = tf.image.resize(batch['image'][b, y:y + h, x:x + w].astype(np.float32),
+                             [4, 4], 'bilinear', antialias=True).numpy()
+      want = np.clip(np.round(want), 0, 255)
+      assert np.abs(crops[b, k].astype(int) - want).max() <= 1
+
+
+def test_main_py_with_device_crops_tracks_the_host_run(tmp_path):
+  """End to end: main.py with crop_on='device' (and the montage PNG cut from
+  the device crops) logs the losses of the host-path reference run; the crops
+  differ only where a value rounds the other way."""
+  import subprocess_runs as runs
+  ref = runs.reference()['metrics']
+  workdir = str(tmp_path / 'device')
+  r = runs.run(workdir, '--config.data.crop_on=device', '--config.montage_png=True',
+               name='device_crops')
+  assert r.rc == 0, r.tail()
+  assert os.path.exists(os.path.join(workdir, 'montage.png'))
+  got = runs.metrics_by_step(workdir)
+  diffs = runs.loss_diffs(got, ref, range(1, runs.NUM_STEPS + 1))
+  print(f'device vs host crops, main.py {runs.NUM_STEPS} steps: max |loss diff| '
+        f'{max(diffs.values()):.2e} (run {r.seconds:.0f}s)')
+  assert max(diffs.values()) <= 1e-3, diffs
