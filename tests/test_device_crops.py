@@ -135,7 +135,7 @@ def test_main_py_with_device_crops_tracks_the_host_run(tmp_path):
   """End to end: main.py with crop_on='device' (and the montage PNG cut from
   the device crops) logs the losses of the host-path reference run; the crops
   differ only where a value rounds the other way."""
-  import subprocess_runs as runs
+  from tests import subprocess_runs as runs
   ref = runs.reference()['metrics']
   workdir = str(tmp_path / 'device')
   r = runs.run(workdir, '--config.data.crop_on=device', '--config.montage_png=True',
