@@ -137,11 +137,13 @@ def _init(model, image_size: int, key):
   return model.init(key, x, False, method=MCLNet.features)
 
 
-def random_variables(model, image_size: int, seed: int = 0):
+def random_variables(model, seed: int = 0, image_size: int = 32):
   """A random init of the backbone + FPN (the untrained baseline).
 
   Same initialisers as training, drawn with the 'rbg' PRNG (as
-  `evaluate.random_variables`: its initialiser compiles faster on CPU).
+  `evaluate.random_variables`: its initialiser compiles faster on CPU). The
+  parameters do not depend on the image size, so one traced size (32 px)
+  serves every dataset and compiles once.
   """
   return _init(model, int(image_size), jax.random.key(seed, impl='rbg'))
 
@@ -236,9 +238,15 @@ def batch_order(num_images: int, steps: int = PROBE_STEPS, batch: int = PROBE_BA
 
 
 def train_probe(train_maps: Sequence[np.ndarray], train_labels: np.ndarray, num_classes: int,
-                steps: int = PROBE_STEPS, batch: int = PROBE_BATCH, lr: float = PROBE_LR):
-  """Fits the 1x1-conv probe (the fixed recipe). Returns (params, per-step losses)."""
-  order = batch_order(len(train_labels), steps, batch)
+                steps: int | None = None, batch: int | None = None, lr: float | None = None):
+  """Fits the 1x1-conv probe. Returns (params, per-step losses).
+
+  steps / batch / lr default to PROBE_STEPS / PROBE_BATCH / PROBE_LR, read at
+  call time (the recipe every model gets).
+  """
+  steps = PROBE_STEPS if steps is None else steps
+  lr = PROBE_LR if lr is None else lr
+  order = batch_order(len(train_labels), steps, PROBE_BATCH if batch is None else batch)
   params, losses = _train([jnp.asarray(m) for m in train_maps], jnp.asarray(train_labels),
                           jnp.asarray(order), int(num_classes), int(steps), float(lr))
   return params, np.asarray(losses)
@@ -408,8 +416,7 @@ def evaluate_variables(config, variables, *, compare_random_init: bool = False,
   result.update(trained)
   rand_preds = None
   if compare_random_init:
-    init = random_variables(model, data.image_size, config.get('seed', 0) if seed is None
-                            else seed)
+    init = random_variables(model, config.get('seed', 0) if seed is None else seed)
     rand, rand_preds = probe_variables(config, init, data, features, model, True)
     result.update({f'random_{k}': v for k, v in rand.items()})
   if png:
@@ -530,6 +537,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def _known_errors() -> tuple[type, ...]:
+  """The project's exceptions that the CLI reports in one line (exit status 1)."""
   from mcl_jax import checkpointing, config_validation, input_pipeline  # pylint: disable=import-outside-toplevel
   return (DenseEvalError, seg_data.SegmentationDataError, checkpointing.CheckpointError,
           config_validation.ConfigError, input_pipeline.DatasetNotFoundError)

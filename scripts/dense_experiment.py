@@ -90,8 +90,7 @@ def probe(root: str, seeds, models=MODELS, features=FEATURES):
         continue
       if model == 'random':
         config = base_config
-        variables = dense_eval.random_variables(dense_eval.create_model(config),
-                                                data.image_size, seed)
+        variables = dense_eval.random_variables(dense_eval.create_model(config), seed)
         step = 0
       else:
         wd = workdir(root, model, seed)
@@ -132,6 +131,42 @@ def table(results, models=MODELS, features=FEATURES) -> str:
   return '\n'.join(lines)
 
 
+def per_seed(results, feature: str, metrics=('miou', 'miou_small'), models=MODELS) -> str:
+  """A markdown table of every seed's value (the numbers behind the means)."""
+  seeds = sorted({r['seed'] for r in results})
+  head = ' | '.join(f'{m} s{s}' for m in metrics for s in seeds)
+  lines = [f'\n**{feature}, per seed**\n', f'| model | {head} |',
+           '| --- |' + ' --- |' * (len(metrics) * len(seeds))]
+  for model in models:
+    got = {(r['seed'], m): r[m] for r in results if r['model'] == model
+           and r['features'] == feature for m in metrics}
+    if got:
+      cells = [f"{got[(s, m)]:.3f}" if (s, m) in got else '-' for m in metrics for s in seeds]
+      lines.append(f'| {model} | ' + ' | '.join(cells) + ' |')
+  return '\n'.join(lines)
+
+
+def compare(results, feature: str, pairs=(('mcl', 'level0'), ('mcl', 'random'),
+                                          ('level0', 'random'), ('supervised', 'mcl'))) -> str:
+  """Differences of means with Welch's t-test over seeds (two-sided p)."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from scipy import stats  # pylint: disable=import-outside-toplevel
+  lines = [f'\n**{feature}: differences of means (Welch t-test over seeds, two-sided p)**\n',
+           '| comparison | ' + ' | '.join(METRICS) + ' |', '| --- |' + ' --- |' * len(METRICS)]
+  for a, b in pairs:
+    cells = []
+    for m in METRICS:
+      x = np.asarray([r[m] for r in results if r['model'] == a and r['features'] == feature])
+      y = np.asarray([r[m] for r in results if r['model'] == b and r['features'] == feature])
+      if len(x) < 2 or len(y) < 2:
+        cells.append('-')
+        continue
+      p = stats.ttest_ind(x, y, equal_var=False).pvalue
+      cells.append(f'{x.mean() - y.mean():+.3f} (p {p:.2f})')
+    lines.append(f'| {a} - {b} | ' + ' | '.join(cells) + ' |')
+  return '\n'.join(lines)
+
+
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   p.add_argument('--phase', choices=('all', 'pretrain', 'probe', 'table'), default='all')
@@ -139,6 +174,9 @@ def main(argv=None):
   p.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2])
   p.add_argument('--steps', type=int, default=None,
                  help='pretraining steps of the self-supervised runs (default: the configs)')
+  p.add_argument('--models', nargs='+', default=list(MODELS), choices=MODELS)
+  p.add_argument('--features', nargs='+', default=list(FEATURES),
+                 help='maps to probe (fpn, C2..C5, P2..P5); FPN and C5 by default')
   p.add_argument('--override', action='append', default=[],
                  help='extra --config.x=value for every pretraining run')
   args = p.parse_args(argv)
@@ -146,10 +184,14 @@ def main(argv=None):
   if args.phase in ('all', 'pretrain'):
     pretrain(args.root, args.seeds, args.steps, args.override)
   if args.phase in ('all', 'probe'):
-    probe(args.root, args.seeds)
+    probe(args.root, args.seeds, args.models, args.features)
   if args.phase in ('all', 'table', 'probe'):
     path = os.path.join(args.root, 'results.json')
-    print(table(json.load(open(path))))
+    results = json.load(open(path))
+    print(table(results, args.models, args.features))
+    for feat in args.features:
+      print(per_seed(results, feat, models=args.models))
+      print(compare(results, feat))
 
 
 if __name__ == '__main__':
