@@ -1,0 +1,321 @@
+"""Dense probe (mcl_jax.dense_eval) and its data (mcl_jax.segmentation_data)."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+from mcl_jax import dense_eval, segmentation_data as sd
+
+
+# ------------------------------------------------------------- digit scenes --
+
+
+def test_resize_matrices_match_jax_image_resize():
+  rng = np.random.default_rng(0)
+  for n_in, n_out in ((8, 8), (8, 13), (8, 32), (2, 16), (16, 64)):
+    x = rng.normal(size=(n_in, n_in))
+    want = jax.image.resize(jnp.asarray(x), (n_out, n_out), 'linear', antialias=False)
+    np.testing.assert_allclose(sd.resize_digit(x, n_out), np.asarray(want), atol=1e-5)
+    m = dense_eval.resize_matrix(n_in, n_out)
+    np.testing.assert_allclose(m @ x @ m.T, np.asarray(want), atol=1e-5)
+
+
+@pytest.fixture(scope='module')
+def digits():
+  from mcl_jax import input_pipeline  # pylint: disable=import-outside-toplevel
+  return input_pipeline.digits_arrays(0.2)
+
+
+def test_scene_labels_match_the_pasted_pixels(digits):
+  images, labels, _ = digits
+  scenes = sd.make_digit_scenes(images[:300], labels[:300], 40, seed=7)
+  sides = []
+  for n, objects in enumerate(scenes.objects):
+    assert sd.DIGITS_PER_SCENE[0] <= len(objects) <= sd.DIGITS_PER_SCENE[1]
+    # Paint the squares again, in order, and compare.
+    want_label = np.zeros((64, 64), np.int64)
+    want_pixel = np.full((64, 64), np.nan)
+    want_bin = np.full((64, 64), sd.NO_OBJECT)
+    for digit_id, cls, y0, x0, side in objects:
+      assert cls == labels[digit_id]
+      sides.append(side)
+      up = sd.resize_digit(images[digit_id], side)  # checked against jax.image.resize above
+      want_label[y0:y0 + side, x0:x0 + side] = cls + 1
+      want_pixel[y0:y0 + side, x0:x0 + side] = np.asarray(up)
+      want_bin[y0:y0 + side, x0:x0 + side] = 0 if side < 13 else (1 if side < 21 else 2)
+    np.testing.assert_array_equal(scenes.labels[n], want_label)
+    np.testing.assert_array_equal(scenes.size_bins[n], want_bin)
+    fg = want_label > 0
+    # Pasted pixels: the digit's value plus at most NOISE (then rounded, clipped).
+    diff = np.abs(scenes.images[n][fg].astype(np.float64) - want_pixel[fg][:, None])
+    assert (diff <= sd.NOISE + 0.5 + 1e-6).all()
+    # The background is textured, not flat.
+    assert scenes.images[n][~fg].std() > 5
+  assert min(sides) <= 9 and max(sides) >= 30  # spans about 4x
+
+
+def test_scenes_split_disjoint_and_deterministic(digits):
+  _, _, splits = digits
+  a = sd.digit_scenes(0.2, num_train=30, num_test=20, seed=3)
+  b = sd.digit_scenes(0.2, num_train=30, num_test=20, seed=3)
+  c = sd.digit_scenes(0.2, num_train=30, num_test=20, seed=4)
+  for x, y in ((a.train, b.train), (a.test, b.test)):
+    np.testing.assert_array_equal(x.images, y.images)
+    np.testing.assert_array_equal(x.labels, y.labels)
+    assert x.objects == y.objects
+  assert not np.array_equal(a.train.images, c.train.images)
+  train_ids = {o[0] for scene in a.train.objects for o in scene}
+  test_ids = {o[0] for scene in a.test.objects for o in scene}
+  assert train_ids <= set(splits['train'].tolist())
+  assert test_ids <= set(splits['heldout'].tolist())
+  assert not train_ids & test_ids
+  assert a.num_classes == 11 and a.train.labels.max() <= 10
+
+
+# ------------------------------------------------------------------- scoring --
+
+
+def reference_scores(labels, preds, bins, k):
+  """mIoU / pixel accuracy / mIoU per size, one class and one pixel set at a time."""
+
+  def miou(keep):
+    ious = []
+    for c in range(k):
+      gt, pr = (labels == c) & keep, (preds == c) & keep
+      union = (gt | pr).sum()
+      if union:
+        ious.append((gt & pr).sum() / union)
+    return np.mean(ious)
+
+  valid = labels != 255
+  out = {'miou': miou(valid), 'pixel_acc': (preds == labels)[valid].mean()}
+  for b, name in enumerate(('small', 'medium', 'large')):
+    out[f'miou_{name}'] = miou(valid & ((bins == b) | (bins == 255)))
+  return out
+
+
+def test_score_matches_reference():
+  rng = np.random.default_rng(1)
+  labels = rng.integers(0, 6, (5, 20, 20)).astype(np.uint8)
+  labels[rng.random(labels.shape) < 0.1] = 255
+  preds = np.where(rng.random(labels.shape) < 0.6, labels, rng.integers(0, 6, labels.shape))
+  preds = np.where(preds == 255, 0, preds).astype(np.uint8)
+  bins = np.where(labels == 0, 255, rng.integers(0, 3, labels.shape)).astype(np.uint8)
+  got = dense_eval.score(labels, preds, bins, 6)
+  want = reference_scores(labels, preds, bins, 6)
+  for key, value in want.items():
+    assert got[key] == pytest.approx(value, abs=1e-12), key
+
+
+def test_probe_logits_equal_upsample_concat_conv():
+  """The per-map shortcut equals: upsample to the finest map, concat, 1x1 conv, upsample."""
+  rng = np.random.default_rng(2)
+  maps = [jnp.asarray(rng.normal(size=(2, s, s, c)), jnp.float32)
+          for s, c in ((8, 3), (4, 5), (2, 4), (1, 2))]
+  params = {'kernel': jnp.asarray(rng.normal(size=(14, 7)), jnp.float32),
+            'bias': jnp.asarray(rng.normal(size=(7,)), jnp.float32)}
+  up = [jax.image.resize(m, (2, 8, 8, m.shape[3]), 'linear', antialias=False) for m in maps]
+  x = jnp.concatenate(up, axis=-1)
+  want = jax.image.resize(x @ params['kernel'] + params['bias'], (2, 32, 32, 7), 'linear',
+                          antialias=False)
+  got = dense_eval.probe_logits(params, maps, (32, 32))
+  np.testing.assert_allclose(np.asarray(got).transpose(0, 2, 3, 1), np.asarray(want),
+                             rtol=1e-4, atol=1e-4)
+
+
+def test_cross_entropy_ignores_255():
+  rng = np.random.default_rng(3)
+  logits = rng.normal(size=(2, 4, 5, 5)).astype(np.float32)
+  labels = rng.integers(0, 4, (2, 5, 5)).astype(np.uint8)
+  labels[0, :2] = 255
+  got = float(dense_eval.masked_cross_entropy(jnp.asarray(logits), jnp.asarray(labels)))
+  lp = logits - np.log(np.exp(logits).sum(1, keepdims=True))
+  keep = labels != 255
+  nll = -np.take_along_axis(lp, np.where(keep, labels, 0)[:, None].astype(int), 1)[:, 0]
+  assert got == pytest.approx(nll[keep].mean(), rel=1e-5)
+
+
+def test_probe_on_one_hot_labels_is_perfect(digits):
+  """Features that are a one-hot encoding of the labels: mIoU 1.0 everywhere."""
+  images, labels, _ = digits
+  train = sd.make_digit_scenes(images[:200], labels[:200], 24, seed=1, size=32, sides=(8, 32))
+  test = sd.make_digit_scenes(images[200:400], labels[200:400], 12, seed=2, size=32,
+                              sides=(8, 32))
+  test.labels[:, :3] = 255  # ignored pixels play no part
+  one_hot = lambda s: [np.eye(11, dtype=np.float32)[np.where(s.labels == 255, 0, s.labels)]]
+  result, preds = dense_eval.fit_and_score(one_hot(train), train.labels, one_hot(test), test, 11)
+  keep = test.labels != 255
+  np.testing.assert_array_equal(preds[keep], test.labels[keep])
+  for key in ('miou', 'pixel_acc', 'miou_small', 'miou_medium', 'miou_large'):
+    assert result[key] == 1.0, key
+
+
+# ----------------------------------------------------------------------- VOC --
+
+
+def _palette_png(path, array):
+  im = Image.fromarray(array.astype(np.uint8), mode='P')
+  im.putpalette(dense_eval.palette().reshape(-1).tolist())
+  im.save(path)
+
+
+def make_voc(root, sizes=None):
+  """A tiny VOC-layout folder: 3 train and 2 val images of several sizes."""
+  rng = np.random.default_rng(0)
+  sizes = sizes or {'a': (40, 50), 'b': (48, 36), 'c': (64, 64), 'd': (50, 40), 'e': (36, 60)}
+  for d in ('JPEGImages', 'SegmentationClass', 'ImageSets/Segmentation'):
+    os.makedirs(os.path.join(root, d), exist_ok=True)
+  for i, (h, w) in sizes.items():
+    Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(
+        os.path.join(root, 'JPEGImages', f'{i}.jpg'))
+    mask = np.zeros((h, w), np.uint8)
+    mask[h // 4:3 * h // 4, w // 4:3 * w // 4] = 15  # a large 'person'
+    mask[1:3, 1:3] = 7  # a small 'car'
+    mask[h // 4 - 1, :] = 255  # a boundary line: ignored
+    _palette_png(os.path.join(root, 'SegmentationClass', f'{i}.png'), mask)
+  with open(os.path.join(root, 'ImageSets/Segmentation/train.txt'), 'w') as f:
+    f.write('a\nb\nc\n')
+  with open(os.path.join(root, 'ImageSets/Segmentation/val.txt'), 'w') as f:
+    f.write('d\ne\n')
+
+
+def test_voc_reader(tmp_path):
+  make_voc(str(tmp_path))
+  data = sd.voc(str(tmp_path), short_side=32)
+  assert data.train.images.shape == (3, 32, 32, 3) and data.test.labels.shape == (2, 32, 32)
+  assert data.num_classes == 21 and data.train.ids == ['a', 'b', 'c']
+  # Palette indices come back as classes; nearest resizing invents none; 255 kept.
+  assert set(np.unique(data.train.labels)) <= {0, 7, 15, 255}
+  assert (data.train.labels == 255).any() and (data.train.labels == 15).any()
+  person = data.train.labels == 15
+  assert (data.train.size_bins[person] == 2).all()
+  assert (data.train.size_bins[data.train.labels == 0] == sd.NO_OBJECT).all()
+  # Ignored pixels are not scored: wrong predictions there change nothing.
+  preds = np.where(data.test.labels == 255, 3, data.test.labels).astype(np.uint8)
+  result = dense_eval.score(data.test.labels, preds, data.test.size_bins, 21)
+  assert result['miou'] == 1.0 and result['pixel_acc'] == 1.0
+
+
+@pytest.mark.parametrize('breakage, message', [
+    ('missing_mask', r'SegmentationClass/b\.png: mask missing'),
+    ('mask_size', r'SegmentationClass/b\.png: mask is 10x12 but its image .* is 36x48'),
+    ('absent_id', r"id 'zz' is listed in ImageSets/Segmentation/train\.txt but .*zz\.jpg "
+     'does not exist'),
+    ('empty_split', r'train\.txt: empty split'),
+    ('rgb_mask', r'b\.png: mode RGB, expected a palette'),
+])
+def test_voc_bad_inputs(tmp_path, breakage, message):
+  root = str(tmp_path)
+  make_voc(root)
+  mask_b = os.path.join(root, 'SegmentationClass', 'b.png')
+  if breakage == 'missing_mask':
+    os.remove(mask_b)
+  elif breakage == 'mask_size':
+    _palette_png(mask_b, np.zeros((12, 10)))
+  elif breakage == 'absent_id':
+    with open(os.path.join(root, 'ImageSets/Segmentation/train.txt'), 'a') as f:
+      f.write('zz\n')
+  elif breakage == 'empty_split':
+    open(os.path.join(root, 'ImageSets/Segmentation/train.txt'), 'w').close()
+  elif breakage == 'rgb_mask':
+    Image.fromarray(np.zeros((48, 36, 3), np.uint8)).save(mask_b)
+  with pytest.raises(sd.SegmentationDataError, match=message) as err:
+    sd.voc(root, short_side=32)
+  assert '\n' not in str(err.value)
+
+
+# ----------------------------------------------------------------------- CLI --
+
+
+def _random_fill(tree, seed):
+  """Random arrays of a tree's shapes and dtypes, drawn in NumPy (no compilation)."""
+  rng = np.random.default_rng(seed)
+
+  def draw(x):
+    if np.issubdtype(x.dtype, np.integer):
+      return np.full(x.shape, 2, x.dtype)
+    if x.ndim > 1:  # kernels: He-scaled, so that features neither vanish nor explode
+      return (rng.normal(size=x.shape) * np.sqrt(2.0 / np.prod(x.shape[:-1]))).astype(x.dtype)
+    return rng.uniform(0.5, 1.5, x.shape).astype(x.dtype)
+  return jax.tree.map(draw, tree)
+
+
+@pytest.fixture(scope='module')
+def tiny_workdir(tmp_path_factory):
+  """A real workdir of configs/test_tiny.py: config.json and an Orbax checkpoint of step 2.
+
+  The state is the model's own TrainState structure (train.abstract_train_state)
+  filled with random values and saved through checkpointing.save; compiling a
+  train step here would cost minutes on 8 simulated CPU devices, and the
+  probe's CLI only needs a checkpoint that load_variables restores.
+  """
+  from configs import test_tiny  # pylint: disable=import-outside-toplevel
+  from mcl_jax import checkpointing, train  # pylint: disable=import-outside-toplevel
+  config = test_tiny.get_config()
+  workdir = str(tmp_path_factory.mktemp('dense') / 'run')
+  checkpointing.check_workdir(workdir)
+  state = _random_fill(jax.eval_shape(lambda k: train.create_train_state(config, k),
+                                      jax.random.key(0)), 0)
+  state = state.replace(step=np.asarray(2, np.int32))
+  manager = checkpointing.make_manager(workdir, 1, async_save=False)
+  checkpointing.save(manager, 2, state, force=True)
+  manager.wait_until_finished()
+  manager.close()
+  checkpointing.save_config(workdir, config)
+  return workdir
+
+
+@pytest.fixture
+def short_probe(monkeypatch):
+  """The CLI tests check the wiring: 50 probe steps instead of the recipe's 500."""
+  monkeypatch.setattr(dense_eval, 'PROBE_STEPS', 50)
+
+
+def test_cli_end_to_end(tiny_workdir, tmp_path, capsys, short_probe):
+  png = str(tmp_path / 'scenes.png')
+  result = dense_eval.main(['--workdir', tiny_workdir, '--num-train', '16', '--num-test', '8',
+                            '--png', png])
+  out = capsys.readouterr().out
+  assert 'random init' in out and 'online step 2' in out and 'mIoU S' in out
+  for key in ('miou', 'pixel_acc', 'miou_small', 'miou_medium', 'miou_large'):
+    assert 0.0 <= result[key] <= 1.0 and 0.0 <= result[f'random_{key}'] <= 1.0
+  assert result['num_train'] == 16 and result['num_test'] == 8
+  assert '50 steps' in out
+  with Image.open(png) as im:  # 6 rows of image | labels | trained | random, 64 px each
+    assert im.size[0] > 3 * im.size[1] // 6
+
+
+def test_cli_c5_features_on_voc(tiny_workdir, tmp_path, capsys, short_probe):
+  make_voc(str(tmp_path / 'voc'))
+  result = dense_eval.main(['--workdir', tiny_workdir, '--dataset', 'voc', '--voc_root',
+                            str(tmp_path / 'voc'), '--image-size', '32', '--features', 'C5',
+                            '--png', 'none'])
+  assert 'C5 features' in capsys.readouterr().out and 'png' not in result
+  assert result['num_train'] == 3 and result['num_test'] == 2
+
+
+@pytest.mark.parametrize('argv, code, message', [
+    (['--dataset', 'voc'], 2, '--dataset voc needs --voc-root'),
+    (['--image-size', '40'], 2, 'must be a positive multiple of 32'),
+    (['--features', 'P6'], 2, "invalid choice: 'P6'"),
+    (['--dataset', 'voc', '--voc-root', '/nonexistent/voc'], 1,
+     "error: SegmentationDataError: VOC root '/nonexistent/voc' is not a directory"),
+])
+def test_cli_errors_are_one_line(tiny_workdir, capsys, argv, code, message):
+  with pytest.raises(SystemExit) as exit_:
+    dense_eval.main(['--workdir', tiny_workdir, *argv])
+  assert exit_.value.code == code
+  err = capsys.readouterr().err
+  assert message in err and err.count('\n') == 1 and 'Traceback' not in err
+
+
+def test_cli_missing_workdir_is_one_line(tmp_path, capsys):
+  with pytest.raises(SystemExit) as exit_:
+    dense_eval.main(['--workdir', str(tmp_path / 'nothing')])
+  assert exit_.value.code == 1
+  err = capsys.readouterr().err
+  assert 'CheckpointError' in err and 'config.json not found' in err and err.count('\n') == 1
