@@ -131,4 +131,5 @@ def get_config():
   c.keep_checkpoints = 3
   c.montage_png = True
   c.eval_knn_at_end = False
+  c.eval_dense_at_end = False  # with eval_knn_at_end: also the dense probe (digits only)
   return c

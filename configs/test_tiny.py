@@ -28,4 +28,5 @@ def get_config():
   c.keep_checkpoints = 2
   c.montage_png = False
   c.eval_knn_at_end = False
+  c.eval_dense_at_end = False
   return c

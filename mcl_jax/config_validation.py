@@ -130,3 +130,6 @@ def validate(config, num_devices: int = 1, num_processes: int = 1):
   _require(config.checkpoint_every >= 1, 'checkpoint_every', config.checkpoint_every,
            'must be >= 1')
   _require(config.log_every >= 1, 'log_every', config.log_every, 'must be >= 1')
+  _require(not config.eval_dense_at_end or d.source == 'digits', 'eval_dense_at_end',
+           config.eval_dense_at_end, "the end-of-run dense probe uses digit scenes: needs "
+           "data.source='digits' (probe other runs with python -m mcl_jax.dense_eval)")

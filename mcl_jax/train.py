@@ -427,4 +427,11 @@ def _final_eval(config, state) -> dict:
   logging.info('Evaluating the backbone (kNN and linear probe on held-out data)...')
   result = evaluate.evaluate_variables(config, trained, compare_random_init=True)
   logging.info('%s', evaluate.format_table(result))
-  return {f'eval_{k}': v for k, v in result.items() if isinstance(v, (int, float))}
+  out = {f'eval_{k}': v for k, v in result.items() if isinstance(v, (int, float))}
+  if config.eval_dense_at_end:
+    from mcl_jax import dense_eval  # pylint: disable=import-outside-toplevel
+    logging.info('Dense probe (frozen FPN, linear per-pixel classifier on digit scenes)...')
+    dense = dense_eval.evaluate_variables(config, trained, compare_random_init=True)
+    logging.info('%s', dense_eval.format_table(dense))
+    out.update({f'dense_{k}': v for k, v in dense.items() if isinstance(v, (int, float))})
+  return out
