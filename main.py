@@ -9,20 +9,30 @@ host (or once per GPU) with --distributed. On Cloud TPU VMs, SLURM, Open MPI
 and Kubernetes JAX finds the coordinator and the process ids by itself;
 elsewhere pass --coordinator_address, --num_processes and --process_id.
 
+The console shows the run (start-up, one line per logged step and per
+checkpoint, the final table); everything, library messages included, is also
+written to WORKDIR/train.log. --verbose (or MCL_VERBOSE=1) shows library
+messages and tracebacks on the console too.
+
 Exit status: 0 when the run finished or stopped on SIGTERM / SIGINT after
-saving a checkpoint; 1 with a one-line message for an impossible config, an
-unusable workdir, missing data or a non-finite loss.
+saving a checkpoint; 2 with a one-line message for a wrong command line or an
+impossible config (found before JAX starts); 1 with a one-line message for
+an unusable workdir, missing data or a non-finite loss; 130 after a second
+Ctrl-C.
 """
 
 import os
 import sys
 
-from absl import app, flags, logging
+from absl import flags
 from ml_collections import config_flags
 
+from mcl_jax import cli
+
 _HERE = os.path.dirname(os.path.abspath(__file__))
-config_flags.DEFINE_config_file('config', os.path.join(_HERE, 'configs', 'demo.py'),
-                                'Training config file.', lock_config=True)
+_DEFAULT_CONFIG = os.path.join(_HERE, 'configs', 'demo.py')
+config_flags.DEFINE_config_file('config', _DEFAULT_CONFIG, 'Training config file.',
+                                lock_config=True)
 flags.DEFINE_string('workdir', None, 'Checkpoints, logs and config.json go here '
                     '(default: runs/<config name>).')
 flags.DEFINE_bool('distributed', False, 'Call jax.distributed.initialize() (multi-host; '
@@ -39,38 +49,59 @@ flags.DEFINE_list('local_device_ids', None, 'With --distributed: the local accel
                   '(default: under SLURM one device per task, [$SLURM_LOCALID]; else all).')
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+def _config_description(argv) -> str:
+  path = config_flags.get_config_filename(flags.FLAGS['config'])
+  overrides = [a for a in argv[1:] if a.startswith('--config.')]
+  return ' '.join([os.path.relpath(path) if path.startswith(_HERE) else path, *overrides])
+
+
+def main(argv) -> int:
+  """Checks the command line and config, starts JAX, trains. Returns the exit status."""
+  cli.parse_absl_flags(argv, __doc__)
+  cli.use_project_verbosity()
+  f = flags.FLAGS
+  if not f.distributed and (f.coordinator_address or f.num_processes or
+                            f.process_id is not None or f.local_device_ids):
+    raise cli.UsageError('--coordinator_address / --num_processes / --process_id / '
+                         '--local_device_ids need --distributed')
+  config = f.config
+  # Every rule that does not depend on the device count, before JAX starts.
+  from mcl_jax import config_validation  # pylint: disable=import-outside-toplevel
+  config_validation.validate(config, 1, 1)
+  workdir = f.workdir or os.path.join('runs', os.path.splitext(os.path.basename(
+      config_flags.get_config_filename(f['config'])))[0])
+  if config.data.source != 'tfds':
+    # A missing or empty image folder fails now, before TensorFlow and JAX
+    # start; train_and_evaluate asks again (the folder scan is cached), and
+    # checks tfds data, which needs TensorFlow, before any set-up.
+    from mcl_jax import input_pipeline  # pylint: disable=import-outside-toplevel
+    try:
+      input_pipeline.num_train_examples(config.data)
+    except input_pipeline.DatasetNotFoundError:
+      raise
+    except ValueError as e:  # an unknown data.source
+      raise config_validation.ConfigError(str(e)) from e
   # Keep TensorFlow (tf.data only) off the accelerators before anything imports it.
-  import tensorflow as tf
-  tf.config.set_visible_devices([], 'GPU')
+  from mcl_jax.data import lazy_tf  # pylint: disable=import-outside-toplevel
+  with cli.native_stderr_to_log('tensorflow'):
+    tf = lazy_tf.tf()
   if tf.config.list_physical_devices('TPU'):
     tf.config.set_visible_devices([], 'TPU')
-  import jax
-  f = flags.FLAGS
+  import jax  # pylint: disable=import-outside-toplevel
   if f.distributed:
     jax.distributed.initialize(
         coordinator_address=f.coordinator_address, num_processes=f.num_processes,
         process_id=f.process_id,
         local_device_ids=[int(i) for i in f.local_device_ids] if f.local_device_ids else None)
-  elif (f.coordinator_address or f.num_processes or f.process_id is not None
-        or f.local_device_ids):
-    raise app.UsageError('--coordinator_address / --num_processes / --process_id / '
-                         '--local_device_ids need --distributed')
-  from mcl_jax import checkpointing, config_validation, input_pipeline, train
-  workdir = flags.FLAGS.workdir or os.path.join(
-      'runs', os.path.splitext(os.path.basename(config_flags.get_config_filename(
-          flags.FLAGS['config'])))[0])
-  logging.info('JAX process %d of %d; devices: %s', jax.process_index(),
-               jax.process_count(), jax.devices())
-  try:
-    train.train_and_evaluate(flags.FLAGS.config, workdir)
-  except (config_validation.ConfigError, checkpointing.CheckpointError,
-          input_pipeline.DatasetNotFoundError, train.NonFiniteError) as e:
-    logging.error('%s: %s', type(e).__name__, e)
-    sys.exit(f'error: {type(e).__name__}: {e}')
+  from mcl_jax import train  # pylint: disable=import-outside-toplevel
+  from absl import logging  # pylint: disable=import-outside-toplevel
+  logging.info('config: %s', _config_description(argv))
+  devices = jax.devices()
+  logging.info('devices: %d x %s (%s), process %d of %d', len(devices), devices[0].platform,
+               devices[0].device_kind, jax.process_index(), jax.process_count())
+  train.train_and_evaluate(config, workdir)
+  return 0
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main, prog='main.py')

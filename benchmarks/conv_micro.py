@@ -11,9 +11,9 @@ all timed here on XLA's convolution; the library computes every conv with a
 convolutions lose time; pass XLA_FLAGS in the environment to try other CPU
 code paths.
 
-  python benchmarks/conv_micro.py
-  taskset -c 0 python benchmarks/conv_micro.py     # one core each (see PERFORMANCE.md)
-  XLA_FLAGS=--xla_cpu_use_onednn=true python benchmarks/conv_micro.py
+  python -m benchmarks.conv_micro
+  taskset -c 0 python -m benchmarks.conv_micro     # one core each (see PERFORMANCE.md)
+  XLA_FLAGS=--xla_cpu_use_onednn=true python -m benchmarks.conv_micro
 """
 
 import argparse

@@ -22,7 +22,7 @@ scikit-image's bundled photos (300x451 to 872x1000) saved as JPEG q90, cycled
 to the same count.
 
 Usage:
-  python benchmarks/input_pipeline.py [--rounds 5] [--seconds 3] [--json out.json]
+  python -m benchmarks.input_pipeline [--rounds 5] [--seconds 3] [--json out.json]
 """
 
 import argparse

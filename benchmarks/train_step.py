@@ -33,12 +33,12 @@ with <= 2x2 outputs back on XLA's convolution instead of resnet.Conv's dense
 matmuls, for before/after timings; see docs/PERFORMANCE.md.
 
 Examples:
-  python benchmarks/train_step.py --preset tiny --breakdown
-  python benchmarks/train_step.py --preset demo --devices 1 --ab small_map_convs=xla
-  python benchmarks/train_step.py --preset r50-small --ab neck_regions=used
-  python benchmarks/train_step.py --preset r50-small --ab crop_on=device,max_side=160
-  python benchmarks/train_step.py --preset r50-small --steps 3 --json /tmp/r50.json
-  python benchmarks/train_step.py --preset r50-224 --batch 64 --dtype bfloat16   # GPU
+  python -m benchmarks.train_step --preset tiny --breakdown
+  python -m benchmarks.train_step --preset demo --devices 1 --ab small_map_convs=xla
+  python -m benchmarks.train_step --preset r50-small --ab neck_regions=used
+  python -m benchmarks.train_step --preset r50-small --ab crop_on=device,max_side=160
+  python -m benchmarks.train_step --preset r50-small --steps 3 --json /tmp/r50.json
+  python -m benchmarks.train_step --preset r50-224 --batch 64 --dtype bfloat16   # GPU
 """
 
 import argparse

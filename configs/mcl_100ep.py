@@ -114,10 +114,18 @@ def get_config():
   c.optim.base_lr = 1.0  # per 256 images: lr = base_lr * global_batch / 256
   c.optim.warmup_steps = 3127
   c.optim.warmup_ratio = 1e-4
+  # 'reference' (mmcv): the cosine runs from step 0 over the whole run and the
+  # warm-up multiplies it by warmup_ratio + (1 - warmup_ratio) t / warmup_steps;
+  # 'optax': linear warm-up, then the cosine over the remaining steps.
+  c.optim.lr_warmup = 'reference'
   c.optim.min_lr = 1e-4
   c.optim.momentum = 0.9
   c.optim.weight_decay = 1e-5
   c.optim.trust_coefficient = 1e-3
+  # LARS local lr of a kernel w with gradient g: 'reference' (openselfsup)
+  # trust_coefficient ||w|| / (||g|| + weight_decay ||w||); 'optax' (optax.lars)
+  # trust_coefficient ||w|| / ||g + weight_decay w||.
+  c.optim.lars_trust_ratio = 'reference'
   c.optim.clip_norm = 500.0
   c.optim.num_epochs = 100
   c.optim.num_steps = ml_collections.config_dict.placeholder(int)  # overrides epochs

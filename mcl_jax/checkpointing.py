@@ -89,8 +89,13 @@ def save_config(workdir: str, config):
 def load_config(workdir: str) -> ml_collections.ConfigDict:
   """The config a run saved in its workdir."""
   path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.isdir(workdir):
+    raise CheckpointError(f'workdir {workdir!r} does not exist: pass the --workdir of a '
+                          'pretraining run (main.py --workdir=...)')
   if not os.path.exists(path):
-    raise CheckpointError(f'{path} not found: is {workdir!r} an mcl_jax workdir?')
+    raise CheckpointError(f'workdir {workdir!r} has no {CONFIG_FILE}, so it is not a '
+                          'pretraining workdir (or its run never started): pass the '
+                          '--workdir given to main.py')
   try:
     with open(path) as f:
       raw = json.load(f)
@@ -113,7 +118,8 @@ def _tuplify(x):
 SHAPE_FIELDS = ('objective', 'model.depth', 'model.width', 'model.stage_sizes',
                 'model.block', 'model.fpn_channels', 'model.neck_convs',
                 'model.neck_hidden', 'model.embed_dim', 'model.predictor_hidden',
-                'loss.level_weights', 'loss.classifier', 'data.num_classes')
+                'loss.level_weights', 'loss.classifier', 'data.num_classes',
+                'optim.lars_trust_ratio')  # its optimizer state has another tree
 
 
 def _get(config, dotted):
@@ -145,11 +151,15 @@ def checkpoint_dir(workdir: str) -> str:
   return os.path.join(os.path.abspath(workdir), 'checkpoints')
 
 
-def make_manager(workdir: str, keep: int, async_save: bool = True) -> ocp.CheckpointManager:
-  """A CheckpointManager keeping the last `keep` complete checkpoints."""
+def make_manager(workdir: str, keep: int, async_save: bool = True,
+                 create: bool = True) -> ocp.CheckpointManager:
+  """A CheckpointManager keeping the last `keep` complete checkpoints.
+
+  create=False (tools that only read) never makes the checkpoints directory.
+  """
   options = ocp.CheckpointManagerOptions(
-      max_to_keep=max(1, keep), create=True, enable_async_checkpointing=async_save,
-      cleanup_tmp_directories=True)
+      max_to_keep=max(1, keep), create=create, enable_async_checkpointing=async_save,
+      cleanup_tmp_directories=create)
   return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
 
 
@@ -291,6 +301,28 @@ def _check_same_step_everywhere(step: int):
                           'do all hosts see the same workdir?')
 
 
+def check_readable(workdir: str, step: int | None = None) -> ml_collections.ConfigDict:
+  """The saved config of a workdir that has a checkpoint (of `step`), for tools.
+
+  Cheap (no Orbax object is made), so tools call it before slow imports.
+
+  Raises:
+    CheckpointError: no such directory, no config.json, no checkpoint (of `step`).
+  """
+  config = load_config(workdir)
+  steps = latest_steps(workdir)
+  if not steps:
+    raise CheckpointError(
+        f'workdir {workdir!r} has no checkpoint yet (the run saves one every '
+        f'{config.get("checkpoint_every", "?")} steps and when it stops): wait for one, '
+        'or pass another --workdir')
+  if step is not None and step not in steps:
+    raise CheckpointError(f'workdir {workdir!r} has no checkpoint of step {step}: it has '
+                          f'steps {sorted(steps)}; pass one of them to --step, or leave '
+                          'it out for the newest')
+  return config
+
+
 def load_variables(workdir: str, step: int | None = None, which: str = 'online'):
   """(config, variables) of a run's online network or target encoder.
 
@@ -299,13 +331,17 @@ def load_variables(workdir: str, step: int | None = None, which: str = 'online')
   """
   if which not in ('online', 'target'):
     raise ValueError(f"which={which!r}: must be 'online' or 'target'")
-  config = load_config(workdir)
+  config = check_readable(workdir, step)
   # Tools need the state's shapes only, which the schedule's length does not
-  # change: the optimizer is built for a one-step run.
-  abstract = state_lib.abstract_train_state(config, state_lib.create_optimizer(config, 1))
-  manager = make_manager(workdir, config.keep_checkpoints, async_save=False)
-  state, got = restore_latest(manager, abstract, step, quarantine_corrupt=False)
-  manager.close()
+  # change: the optimizer is built for a short run, one step past the warm-up
+  # (a shorter one would make optax build a zero-length warm-up and say so).
+  tx = state_lib.create_optimizer(config, int(config.optim.warmup_steps) + 2)
+  abstract = state_lib.abstract_train_state(config, tx)
+  manager = make_manager(workdir, config.keep_checkpoints, async_save=False, create=False)
+  try:
+    state, got = restore_latest(manager, abstract, step, quarantine_corrupt=False)
+  finally:
+    manager.close()
   if state is None:
     raise CheckpointError(f'no checkpoint in {checkpoint_dir(workdir)}')
   logging.info('Loaded %s variables of step %d from %s', which, got, workdir)

@@ -116,6 +116,10 @@ def validate(config, num_devices: int = 1, num_processes: int = 1):
            'must be in [0, 1)')
   _require(o.weight_decay >= 0, 'optim.weight_decay', o.weight_decay, 'must be >= 0')
   _require(o.warmup_steps >= 0, 'optim.warmup_steps', o.warmup_steps, 'must be >= 0')
+  _require(o.lr_warmup in ('reference', 'optax'), 'optim.lr_warmup', o.lr_warmup,
+           "must be 'reference' or 'optax'")
+  _require(o.lars_trust_ratio in ('reference', 'optax'), 'optim.lars_trust_ratio',
+           o.lars_trust_ratio, "must be 'reference' or 'optax'")
   _require(o.num_steps is None or o.num_steps > 0, 'optim.num_steps', o.num_steps,
            'must be > 0 (or None to use num_epochs)')
   _require(o.num_steps is not None or o.num_epochs > 0, 'optim.num_epochs', o.num_epochs,

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from mcl_jax import losses, model as model_lib
+from mcl_jax import cli, losses, model as model_lib
 
 KNN_K = 20
 KNN_T = 0.07
@@ -314,7 +314,8 @@ def format_table(result: dict[str, Any], trained_label: str = 'trained') -> str:
 
 def parse_args(argv=None) -> argparse.Namespace:
   """Command-line flags."""
-  p = argparse.ArgumentParser(description='kNN / linear probe of a pretrained mcl_jax run')
+  p = cli.ArgumentParser(prog='python -m mcl_jax.evaluate',
+                        description='kNN / linear probe of a pretrained mcl_jax run')
   p.add_argument('--workdir', required=True)
   p.add_argument('--step', type=int, default=None, help='checkpoint step (default: newest)')
   p.add_argument('--which', choices=('online', 'target'), default='online')
@@ -362,5 +363,16 @@ def main(argv=None) -> dict[str, Any]:
   return result
 
 
+def _cli_main(argv) -> int:
+  from mcl_jax import checkpointing  # pylint: disable=import-outside-toplevel
+  from mcl_jax.data import lazy_tf  # pylint: disable=import-outside-toplevel
+  args = parse_args(argv[1:])
+  checkpointing.check_readable(args.workdir, args.step)  # a wrong workdir: now, not later
+  with cli.native_stderr_to_log('tensorflow'):  # its start-up banners: not the console
+    lazy_tf.tf()
+  main(argv[1:])
+  return 0
+
+
 if __name__ == '__main__':
-  main()
+  cli.run(_cli_main, prog='python -m mcl_jax.evaluate')

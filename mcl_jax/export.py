@@ -17,6 +17,9 @@ weights from its newest complete checkpoint unless --step is given):
     python -m mcl_jax.export --workdir runs/mcl_100ep --format torchvision --out mcl.pth \
         [--step 31280] [--which target]
 
+The torchvision format writes with PyTorch, an optional extra
+(`pip install -e ".[torch]"`); the detectron2 format needs no PyTorch.
+
 Convolution kernels go from Flax HWIO to torch OIHW, BatchNorm scale / bias
 become weight / bias and batch_stats mean / var become running_mean /
 running_var. Every array is float32 NumPy (num_batches_tracked: int64 0-d).
@@ -26,10 +29,11 @@ import argparse
 import os
 import pickle
 import re
-import sys
 from typing import Any, Mapping
 
 import numpy as np
+
+from mcl_jax import cli
 
 NORM_SUFFIXES = ('weight', 'bias', 'running_mean', 'running_var')
 _BLOCK_RE = re.compile(r'^layer(\d+)_(\d+)$')
@@ -205,9 +209,17 @@ def save_detectron2(checkpoint: Mapping[str, Any], path: str) -> None:
     pickle.dump(dict(checkpoint), f, protocol=pickle.HIGHEST_PROTOCOL)
 
 
+TORCH_INSTALL = ('pip install -e ".[torch]" (the optional extra, a CPU build of '
+                 'PyTorch), or any PyTorch build with pip install torch')
+
+
+def _torch():
+  return cli.require('torch', 'the torchvision export', TORCH_INSTALL)
+
+
 def save_torchvision(state_dict: Mapping[str, np.ndarray], path: str) -> None:
   """torch.save of a `to_torchvision` dict as torch tensors."""
-  import torch  # pylint: disable=import-outside-toplevel
+  torch = _torch()
   tensors = {k: torch.from_numpy(np.array(v)) for k, v in state_dict.items()}
   torch.save(tensors, path)
 
@@ -229,7 +241,7 @@ def export(variables: Mapping[str, Any], fmt: str, path: str) -> list[str]:
 
 def parse_args(argv=None) -> argparse.Namespace:
   """Command-line flags of `python -m mcl_jax.export`."""
-  p = argparse.ArgumentParser(
+  p = cli.ArgumentParser(
       prog='python -m mcl_jax.export',
       description='Converts a pretraining checkpoint for detectron2 or torchvision.')
   p.add_argument('--workdir', required=True, help='pretraining workdir (config.json + checkpoints/)')
@@ -243,12 +255,19 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
-  """Loads the checkpoint, converts it and writes --out. Returns the exit code."""
-  from mcl_jax import checkpointing  # pylint: disable=import-outside-toplevel
+  """Loads the checkpoint, converts it and writes --out. Returns the exit code.
+
+  Raises (one error line under `cli.run`): cli.UsageError for a wrong --out,
+  MissingDependencyError without PyTorch for the torchvision format,
+  CheckpointError for a workdir without usable checkpoints.
+  """
   args = parse_args(argv)
   if args.format == 'detectron2' and not args.out.endswith('.pkl'):
-    print(f'error: --out {args.out}: detectron2 needs a .pkl file', file=sys.stderr)
-    return 2
+    raise cli.UsageError(f'--out={args.out}: detectron2 reads pickled weights only from '
+                         'a *.pkl file; name it e.g. mcl.pkl')
+  if args.format == 'torchvision':
+    _torch()  # before minutes of loading: say now what to install
+  from mcl_jax import checkpointing  # pylint: disable=import-outside-toplevel
   _, variables = checkpointing.load_variables(args.workdir, step=args.step, which=args.which)
   os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
   names = export(variables, args.format, args.out)
@@ -257,4 +276,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == '__main__':
-  sys.exit(main())
+  cli.run(lambda argv: main(argv[1:]), prog='python -m mcl_jax.export')

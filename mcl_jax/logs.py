@@ -18,7 +18,7 @@ METRICS_FILE = 'metrics.jsonl'
 
 
 class MetricWriter:
-  """Writes metrics on process 0: console every call with console=True, all to files."""
+  """Writes metrics on process 0: a log line when console=True; every call to the files."""
 
   def __init__(self, workdir: str, num_steps: int, global_batch: int):
     self.num_steps, self.global_batch = num_steps, global_batch
@@ -54,8 +54,9 @@ class MetricWriter:
       line = (f'step {step}/{self.num_steps}  loss {metrics["loss"]:.4f} [{levels}]  '
               f'lr {metrics["lr"]:.4g}  m {metrics.get("target_momentum", 0.0):.5f}  '
               f'{rate:.1f} img/s  ETA {_hms(eta)}')
-      logging.info(line)
-      print(line, flush=True)
+      # One line: the console shows this project's INFO (mcl_jax.cli), and
+      # the log file keeps it with the rest.
+      logging.info('%s', line)
 
   def close(self):
     if self._jsonl:

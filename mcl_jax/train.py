@@ -11,7 +11,10 @@ import dataclasses
 import functools
 import math
 import os
+import shutil
 import signal
+import socket
+import threading
 
 from absl import logging
 import jax
@@ -20,7 +23,8 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from mcl_jax import augment, checkpointing, config_validation, device_crops, logs, montage, objective
+from mcl_jax import augment, checkpointing, cli, config_validation, device_crops, logs
+from mcl_jax import montage, objective
 from mcl_jax import model as model_lib
 from mcl_jax import state as state_lib
 from mcl_jax import visualize
@@ -81,6 +85,11 @@ class _StopSignal:
   on the host, without device work per step. SIGINT is forwarded to it as a
   SIGTERM of this process. Without the preemption service the processes
   combine their local flags with a `process_allgather` every step.
+
+  Python runs signal handlers only between bytecodes, so a signal that comes
+  during a long XLA compile would wait for it. The handlers' C side also
+  writes the signal number to a wake-up socket (`signal.set_wakeup_fd`),
+  and a thread reading it acknowledges the signal at once.
   """
 
   def __init__(self, num_processes: int = 1):
@@ -88,6 +97,7 @@ class _StopSignal:
     self._old = {}
     self._multi = num_processes > 1
     self._preemption = False
+    self._wakeup = None  # (reader, writer, previous wake-up fd)
 
   def __enter__(self):
     signals = (signal.SIGTERM, signal.SIGINT)
@@ -102,7 +112,47 @@ class _StopSignal:
         self._old[sig] = signal.signal(sig, self._handle)
       except ValueError:  # not the main thread: leave signals alone
         pass
+    if self._old:
+      self._start_acknowledging()
     return self
+
+  def _start_acknowledging(self):
+    reader, writer = socket.socketpair()
+    writer.setblocking(False)
+    try:
+      previous = signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
+    except ValueError:
+      reader.close()
+      writer.close()
+      return
+    self._wakeup = (reader, writer, previous)
+    threading.Thread(target=self._acknowledge, args=(reader, set(self._old)),
+                     name='mcl-signal-ack', daemon=True).start()
+
+  @staticmethod
+  def _acknowledge(reader, watched):
+    """Says at once what a stop signal will do (runs until the writer closes)."""
+    counts = {}
+    while True:
+      try:
+        data = reader.recv(64)
+      except OSError:
+        return
+      if not data:
+        reader.close()
+        return
+      for signum in data:
+        if signum not in watched:
+          continue
+        counts[signum] = n = counts.get(signum, 0) + 1
+        name = signal.Signals(signum).name
+        again = 'press Ctrl-C again' if signum == signal.SIGINT else f'send {name} again'
+        if n == 1:
+          logging.info('%s received: stopping after the current step and saving it '
+                       '(the first step includes compiling); %s to quit without saving.',
+                       name, again)
+        elif n == 2:
+          logging.info('%s received again: quitting without saving.', name)
 
   def _handle(self, signum, frame):
     name = signal.Signals(signum).name
@@ -131,6 +181,11 @@ class _StopSignal:
   def __exit__(self, *exc):
     for sig, old in self._old.items():
       signal.signal(sig, old)
+    if self._wakeup is not None:
+      _, writer, previous = self._wakeup
+      signal.set_wakeup_fd(previous)
+      writer.close()  # the acknowledging thread sees the end and exits
+      self._wakeup = None
 
 
 # Metrics that must be finite for a step's state to be kept: the loss and the
@@ -152,20 +207,69 @@ def _check_finite(metrics: dict, step: int, last_checkpoint: int | None = None):
         'the data.')
 
 
+LOG_FILE = 'train.log'
+
+
 def train_and_evaluate(config, workdir: str) -> dict:
   """Runs (or resumes) pretraining in `workdir`. Returns the last metrics.
 
-  Order of the checks, all before anything is compiled: the config
-  (config_validation), the workdir (created, writable), and a saved
-  config.json of another model shape (refused). Then the newest readable
-  checkpoint is restored (unreadable ones are skipped, see
-  checkpointing.restore_latest) and metrics.jsonl is cut back to its step.
+  Order of the checks, all before anything is compiled and before the
+  workdir is created: the config (config_validation), the data source (a
+  missing dataset or folder fails here; tfds data is prepared here when
+  data.tfds_download_and_prepare asks for it), and a saved config.json of
+  another model shape (refused). Then the workdir is created (and checked
+  writable), the log file opened in it, and the newest readable checkpoint
+  restored (unreadable ones are skipped, see checkpointing.restore_latest);
+  metrics.jsonl is cut back to its step. A workdir this call created is
+  removed again if the run fails before its first step is logged.
 
   Every process of a multi-process run calls this with the same arguments;
   process 0 alone writes config.json and metrics, all of them save.
   """
-  from mcl_jax import input_pipeline  # late: pulls in TensorFlow
   config_validation.validate(config, jax.device_count(), jax.process_count())
+  _check_data(config)
+  checkpointing.check_compatible(workdir, config)
+  created = not os.path.exists(workdir)
+  checkpointing.check_workdir(workdir)
+  try:
+    _open_log_file(workdir)
+    num_steps = state_lib.total_steps(config)
+    run = _Run(config, workdir, state_lib.make_mesh(), num_steps,
+               state_lib.create_optimizer(config, num_steps))
+    with _StopSignal(jax.process_count()) as stop:
+      manager = checkpointing.make_manager(workdir, config.keep_checkpoints)
+      try:
+        return _run(run, manager, stop)
+      finally:
+        # Also on errors (a non-finite step, an interrupt): a save in flight is
+        # of a state that passed its checks; finish it rather than leave a tmp dir.
+        manager.wait_until_finished()
+        manager.close()
+  except BaseException:
+    if created:
+      _remove_unstarted(workdir)
+    raise
+
+
+def _check_data(config):
+  """Opens the configured data source, so that missing data fails before any set-up.
+
+  Raises:
+    DatasetNotFoundError: the data is missing (the message says what to provide).
+    ConfigError: an unknown data.source, or an unlabelled source for the
+      supervised objective.
+  """
+  from mcl_jax import input_pipeline  # late: pulls in TensorFlow
+  from mcl_jax.data import tfds as tfds_source  # pylint: disable=g-import-not-at-top
+  try:
+    spec = input_pipeline.DataSpec.from_config(config.data)
+    input_pipeline.source_for(spec)
+  except ValueError as e:
+    raise config_validation.ConfigError(str(e)) from e
+  if spec.source == 'tfds':
+    tfds_source.builder(spec)  # prepares the dataset if tfds_download_and_prepare
+  else:
+    input_pipeline.num_train_examples(spec)  # digits: loads; folder: scans (cached)
   if config.objective == 'supervised':
     try:  # an unlabelled source, or too few classes: one clear error
       input_pipeline.require_labels(config.data)
@@ -173,23 +277,22 @@ def train_and_evaluate(config, workdir: str) -> dict:
       raise
     except ValueError as e:
       raise config_validation.ConfigError(str(e)) from e
-  checkpointing.check_workdir(workdir)
-  checkpointing.check_compatible(workdir, config)
-  logging.info('Process %d/%d, local devices %s, global devices %d',
-               jax.process_index(), jax.process_count(), jax.local_devices(),
-               jax.device_count())
-  num_steps = state_lib.total_steps(config)
-  run = _Run(config, workdir, state_lib.make_mesh(), num_steps,
-             state_lib.create_optimizer(config, num_steps))
-  with _StopSignal(jax.process_count()) as stop:
-    manager = checkpointing.make_manager(workdir, config.keep_checkpoints)
-    try:
-      return _run(run, manager, stop)
-    finally:
-      # Also on errors (a non-finite step, an interrupt): a save in flight is
-      # of a state that passed its checks; finish it rather than leave a tmp dir.
-      manager.wait_until_finished()
-      manager.close()
+
+
+def _open_log_file(workdir: str):
+  """WORKDIR/train.log (train.<process>.log beyond process 0), if the CLI logs."""
+  name = LOG_FILE if jax.process_index() == 0 else f'train.{jax.process_index()}.log'
+  cli.log_to_file(os.path.join(workdir, name))
+
+
+def _remove_unstarted(workdir: str):
+  """Removes a workdir this run created, if nothing of a step was written to it."""
+  metrics = os.path.join(workdir, logs.METRICS_FILE)
+  if (jax.process_index() != 0 or checkpointing.latest_steps(workdir)
+      or (os.path.exists(metrics) and os.path.getsize(metrics) > 0)):
+    return
+  cli.close_log_file()
+  shutil.rmtree(workdir, ignore_errors=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -213,18 +316,27 @@ def _restore_or_init(run: _Run, manager):
                    out_shardings=replicated)
     state, start = init(jax.random.key(config.seed)), 0
     checkpointing.save_config(workdir, config)
-    logging.info('Starting a new run: %d steps.', run.num_steps)
+    logging.info('==> Starting a new run: %d steps of %d images, a checkpoint every %d '
+                 'steps.', run.num_steps, config.optim.global_batch, config.checkpoint_every)
   else:
     if not os.path.exists(os.path.join(workdir, checkpointing.CONFIG_FILE)):
       checkpointing.save_config(workdir, config)
-    logging.info('Resumed from the checkpoint of step %d.', start)
+    if start >= run.num_steps:
+      logging.info('==> Already finished at step %d (of %d): nothing to train.', start,
+                   run.num_steps)
+    else:
+      logging.info('==> Resumed from the checkpoint of step %d. %d of %d steps to go.',
+                   start, run.num_steps - start, run.num_steps)
   return state, start
 
 
 def _run(run: _Run, manager, stop: _StopSignal) -> dict:
   from mcl_jax import input_pipeline  # late: pulls in TensorFlow
   config, num_steps = run.config, run.num_steps
+  _log_where(run.workdir)
   state, start = _restore_or_init(run, manager)
+  if start >= num_steps:
+    return _already_finished(run, state)
   # Steps after `start` are trained (and logged) again: drop their old lines.
   logs.truncate_metrics(run.workdir, start)
   last_saved = start if start else None
@@ -245,7 +357,14 @@ def _run(run: _Run, manager, stop: _StopSignal) -> dict:
       if step == start == 0 and config.montage_png:
         visualize.write_montage_png(config, device_crops.crops_of(images, config.data),
                                     os.path.join(run.workdir, 'montage.png'))
-      state, metrics = train_step(state, images, batch['label'])
+      if step == start:
+        # The first call compiles. XLA's "Very slow compile?" alarm, printed
+        # from C++ on a busy CPU, goes to the log file, not the console.
+        logging.info('Compiling the train step (the first step; minutes on a CPU)...')
+        with cli.native_stderr_to_log('xla'):
+          state, metrics = train_step(state, images, batch['label'])
+      else:
+        state, metrics = train_step(state, images, batch['label'])
       if pending is not None:
         last = _finish_step(*pending, writer, config, last_saved)
       pending = (step, metrics)
@@ -257,13 +376,12 @@ def _run(run: _Run, manager, stop: _StopSignal) -> dict:
         last = _finish_step(*pending, writer, config, last_saved)
         pending = None
         checkpointing.save(manager, done, state, force=True)
+        logging.info('checkpoint of step %d -> %s', done,
+                     os.path.join(checkpointing.checkpoint_dir(run.workdir), str(done)))
         last_saved = done
       if stopped:
-        logging.warning('%s: saved the checkpoint of step %d, exiting.',
-                        f'{stop.received} received' if stop.received
-                        else 'Preemption notice', done)
-        print(f'Stopped after step {done} ({stop.received or "preemption notice"}); '
-              f'checkpoint saved. Rerun the same command to resume.', flush=True)
+        logging.info('Stopped after step %d (%s); checkpoint saved. Rerun the same '
+                     'command to resume.', done, stop.received or 'preemption notice')
         break
     if pending is not None:
       last = _finish_step(*pending, writer, config, last_saved)
@@ -273,6 +391,22 @@ def _run(run: _Run, manager, stop: _StopSignal) -> dict:
   if config.eval_knn_at_end and not stopped and jax.process_index() == 0:
     last.update(_final_eval(config, state))
   return last
+
+
+def _log_where(workdir: str):
+  """The start-up line: where the checkpoints, the log and TensorBoard's scalars go."""
+  log = cli.log_file()
+  logging.info('workdir: %s (checkpoints/, metrics.jsonl%s; TensorBoard: tensorboard '
+               '--logdir %s)', workdir, f', log file {os.path.basename(log)}' if log else '',
+               workdir)
+
+
+def _already_finished(run: _Run, state) -> dict:
+  """A rerun of a finished run: the final table if the config asks for it."""
+  if run.config.eval_knn_at_end and jax.process_index() == 0:
+    return _final_eval(run.config, state)
+  logging.info('Evaluate it with: python -m mcl_jax.evaluate --workdir=%s', run.workdir)
+  return {}
 
 
 def _finish_step(step: int, metrics, writer, config, last_saved=None) -> dict:
@@ -290,7 +424,7 @@ def _final_eval(config, state) -> dict:
   # process 0 evaluates alone on its own devices.
   local = lambda x: np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array) else x
   trained = jax.tree.map(local, {'params': state.params, 'batch_stats': state.batch_stats})
+  logging.info('Evaluating the backbone (kNN and linear probe on held-out data)...')
   result = evaluate.evaluate_variables(config, trained, compare_random_init=True)
-  logging.info('Evaluation: %s', result)
-  print(evaluate.format_table(result), flush=True)
+  logging.info('%s', evaluate.format_table(result))
   return {f'eval_{k}': v for k, v in result.items() if isinstance(v, (int, float))}

@@ -11,12 +11,12 @@ run). As a tool:
 
 import os
 
-from absl import app, flags, logging
+from absl import flags, logging
 import jax
 from ml_collections import config_flags
 import numpy as np
 
-from mcl_jax import augment, device_crops, montage, objective
+from mcl_jax import augment, cli, device_crops, montage, objective
 
 
 def grid_image(crops_float01, gap: int = 2, view_gap: int = 8) -> np.ndarray:
@@ -121,11 +121,17 @@ def _define_flags():
   flags.DEFINE_integer('seed', 0, 'Data and augmentation seed.')
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  from mcl_jax import input_pipeline  # pylint: disable=import-outside-toplevel
+def main(argv) -> int:
+  """Writes the crop grid (and the montage PNG with --montage_out). Returns 0."""
+  cli.parse_absl_flags(argv, __doc__)
+  cli.use_project_verbosity()
   f = flags.FLAGS
+  if f.num_images < 1:
+    raise cli.UsageError(f'--num_images={f.num_images}: must be at least 1')
+  from mcl_jax.data import lazy_tf  # pylint: disable=import-outside-toplevel
+  with cli.native_stderr_to_log('tensorflow'):  # its start-up banners: not the console
+    lazy_tf.tf()
+  from mcl_jax import input_pipeline  # pylint: disable=import-outside-toplevel
   config = f.config
   batch = max(f.num_images, config.montage.group_size if f.montage_out else 0)
   batch = next(input_pipeline.create_train_iterator(
@@ -139,8 +145,9 @@ def main(argv):
   if f.montage_out:
     _save_png(montage_image(config, crops_u8, jax.random.key(f.seed)), f.montage_out)
     print(f'wrote {f.montage_out}: canvases per level, view q then view k')
+  return 0
 
 
 if __name__ == '__main__':
   _define_flags()
-  app.run(main)
+  cli.run(main, prog='python -m mcl_jax.visualize')

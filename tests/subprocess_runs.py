@@ -236,7 +236,8 @@ def reference() -> dict:
     m = metrics_by_step(workdir)
     assert sorted(m) == list(range(1, NUM_STEPS + 1)), sorted(m)
     assert all(np.isfinite(v['loss']) for v in m.values())
-    _REFERENCE = {'workdir': workdir, 'metrics': m, 'seconds': r.seconds}
+    _REFERENCE = {'workdir': workdir, 'metrics': m, 'seconds': r.seconds,
+                  'output': r.output()}
     print(f'\nreference run: {r.seconds:.1f}s (includes compiling the train step)')
   return _REFERENCE
 

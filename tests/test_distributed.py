@@ -21,7 +21,7 @@ import signal
 
 import pytest
 
-import subprocess_runs as runs
+from tests import subprocess_runs as runs
 
 TOL = 1e-6
 

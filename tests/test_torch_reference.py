@@ -1,4 +1,4 @@
-"""The JAX MCL loss against an independent PyTorch implementation (benchmarks/torch_reference.py).
+"""The JAX MCL loss against an independent PyTorch implementation (tests/torch_reference.py).
 
 Weights are random variables in the JAX init's shapes (BatchNorm scales,
 biases and running statistics randomised too) copied into PyTorch, with a
@@ -6,8 +6,15 @@ target encoder perturbed away from the online one; both sides see the same
 augmented crops assembled into the same canvases with the same tile labels
 (`objective.view_canvases`), in float32 with train-mode BatchNorm. Tolerances: loss and every per-level metric (loss,
 pos_cos, neg_cos) within 1e-4 relative (cosines: relative to max(|value|, 0.01),
-since a mean negative cosine can sit near 0); online gradients within 1e-3 of
-each tensor's largest entry (floored at 1e-4 of the largest gradient).
+since a mean negative cosine can sit near 0); online gradients within GRAD_REL
+of each tensor's largest entry (floored at 1e-4 of the largest gradient).
+
+The losses are compared with the reference's ReLU. The gradients are compared
+with softplus swapped in for ReLU on both sides (`nn.relu` in Flax,
+`torch_reference.activation`): ReLU's derivative jumps at 0, and a
+pre-activation within float32 noise of 0 (3e-6 was seen) lands on opposite
+sides in JAX and PyTorch, which moved single gradient entries by up to 30%
+while the losses agreed to 1e-7, depending on the seed.
 
 Two configs: test_tiny (32 px: every region is 1 x 1) and the same network at
 64 px (2 x 2 regions, so the neck's 3x3 convs see a zero-padded border),
@@ -19,6 +26,7 @@ real convolutions, so this also checks that path against `conv2d`.
 
 import re
 
+import flax.linen
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -26,13 +34,16 @@ import pytest
 
 torch = pytest.importorskip('torch')
 
-from benchmarks import torch_reference as tr  # noqa: E402
+from tests import torch_reference as tr  # noqa: E402
 from configs import test_tiny  # noqa: E402
 from mcl_jax import model as model_lib  # noqa: E402
 from mcl_jax import montage, objective  # noqa: E402
 
 REL = 1e-4
-GRAD_REL = 1e-3
+# Softplus gradients: measured <= 3.9e-5 over 32 px seeds 0-1 and 64 px
+# seeds 0-5. With ReLU the same check needed 1e-3 where no kink was hit
+# (<= 1.7e-4) and failed at 64 px seed 2 (0.11, layer4.0.conv1).
+GRAD_REL = 2e-4
 
 
 def _random_variables(net, layout, image_size, rng):
@@ -69,7 +80,8 @@ def _perturb(tree, rng, noise):
                             .astype(np.float32)), tree)
 
 
-def _compare(image_size, seed):
+def _compare(image_size, seed, grads):
+  """JAX against PyTorch: losses and metrics, and the online gradients if `grads`."""
   config = test_tiny.get_config()
   config.data.image_size = image_size
   config.optim.global_batch = 2 * config.montage.group_size  # two montage groups
@@ -92,9 +104,12 @@ def _compare(image_size, seed):
 
   def jax_side(params, batch_stats, target_vars, crops, key):
     """Loss, metrics, gradients, and the canvases + labels the loss used."""
-    out = jax.value_and_grad(
-        lambda p: objective.self_supervised_batch_loss(
-            net, p, batch_stats, target_vars, crops, key, layout, **kw), has_aux=True)(params)
+    loss_fn = lambda p: objective.self_supervised_batch_loss(
+        net, p, batch_stats, target_vars, crops, key, layout, **kw)
+    if grads:
+      out = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    else:
+      out = loss_fn(params), None
     views = [objective.view_canvases(crops, v, layout, key, None, config.montage.downsample)
              for v in (0, 1)]
     return out, views
@@ -114,10 +129,10 @@ def _compare(image_size, seed):
   tr.load_from_flax(model, params, batch_stats, target_vars['params'],
                     target_vars['batch_stats'])
   model.train()
-  tloss, tmetrics = tr.loss_from_canvases(model, canvases, labels,
-                                          tr.GridLayout.from_jax(layout), config.loss.tau,
-                                          config.loss.level_weights, 'all')
-  tloss.backward()
+  with torch.set_grad_enabled(grads):
+    tloss, tmetrics = tr.loss_from_canvases(model, canvases, labels,
+                                            tr.GridLayout.from_jax(layout), config.loss.tau,
+                                            config.loss.level_weights, 'all')
 
   jm = {k: float(v) for k, v in jax.device_get(jmetrics).items()}
   tm = {k: float(v) for k, v in tmetrics.items()}
@@ -126,6 +141,16 @@ def _compare(image_size, seed):
   for k in sorted(jm):
     floor = 1e-2 if 'cos' in k else 1e-6
     dev[k] = abs(tm[k] - jm[k]) / max(abs(jm[k]), floor)
+  print(f'\n{s} px, seed {seed}: JAX loss {float(jloss):.6f}, torch {tloss.item():.6f}; '
+        'max rel dev ' + ', '.join(f'{m}: {max(v for k, v in dev.items() if k.startswith(m)):.1e}'
+                                   for m in ('loss', 'pos_cos', 'neg_cos')))
+  bad = {k: (jm[k], tm[k], d) for k, d in dev.items() if d > REL}
+  assert not bad, bad
+  assert abs(tloss.item() - float(jloss)) <= REL * abs(float(jloss))
+  if not grads:
+    return float(jloss), None
+
+  tloss.backward()
   jg = tr.flax_grads_to_torch_names(jgrads)
   # Gradients: max |torch - JAX| relative to the tensor's largest JAX entry,
   # floored at 1e-4 of the largest gradient anywhere. A Linear bias right
@@ -143,22 +168,31 @@ def _compare(image_size, seed):
     gdev[name] = float(np.max(np.abs(p.grad.numpy() - ref)) / max(np.max(np.abs(ref)), floor))
   assert len(gdev) == len(jg) - 2 - len(config.loss.level_weights)
   worst = max(gdev, key=gdev.get)
-  print(sorted(gdev.items(), key=lambda kv: -kv[1])[:4])
-  print(f'\n{s} px: JAX loss {float(jloss):.6f}, torch {tloss.item():.6f}; max rel dev '
-        + ', '.join(f'{m}: {max(v for k, v in dev.items() if k.startswith(m)):.1e}'
-                    for m in ('loss', 'pos_cos', 'neg_cos'))
-        + f'; max grad dev {gdev[worst]:.1e} ({worst})')
-  bad = {k: (jm[k], tm[k], d) for k, d in dev.items() if d > REL}
-  assert not bad, bad
-  assert abs(tloss.item() - float(jloss)) <= REL * abs(float(jloss))
+  print(f'max grad dev {gdev[worst]:.1e} ({worst}); next',
+        sorted(gdev.items(), key=lambda kv: -kv[1])[1:4])
   assert gdev[worst] <= GRAD_REL, (worst, gdev[worst])
+  return float(jloss), gdev[worst]
 
 
-def test_torch_reference_matches_jax_tiny_32px():
-  """test_tiny (32 px, 1 x 1 regions), two groups, neck_regions='all'."""
-  _compare(32, seed=0)
+def smooth_activation(monkeypatch):
+  """Softplus for ReLU in the JAX network (Flax's nn.relu) and in the oracle."""
+  monkeypatch.setattr(flax.linen, 'relu', jax.nn.softplus)
+  monkeypatch.setattr(tr, 'activation', torch.nn.functional.softplus)
 
 
-def test_torch_reference_matches_jax_64px_2x2_regions():
-  """The tiny network at 64 px: 2 x 2 regions, neck_regions='all'."""
-  _compare(64, seed=1)
+# 64 px seed 2 is a case where ReLU's gradients differ by 11% between the two
+# sides (a pre-activation at float32 noise from 0) while the losses agree.
+CASES = [(32, 0), (64, 2)]
+
+
+@pytest.mark.parametrize('image_size,seed', CASES)
+def test_losses_match_with_relu(image_size, seed):
+  """32 px: test_tiny, 1 x 1 regions; 64 px: 2 x 2 regions. Two groups, neck_regions='all'."""
+  _compare(image_size, seed, grads=False)
+
+
+@pytest.mark.parametrize('image_size,seed', CASES)
+def test_losses_and_gradients_match_with_softplus(image_size, seed, monkeypatch):
+  """The same configs with softplus: the gradients are continuous in the pre-activations."""
+  smooth_activation(monkeypatch)
+  _compare(image_size, seed, grads=True)

@@ -61,7 +61,9 @@ def test_one_step_on_one_and_eight_devices_agree():
 
 
 def test_schedules():
+  """The optax form of the schedule (optim.lr_warmup='optax'; test_optim tests both)."""
   config = _tiny()
+  config.optim.lr_warmup = 'optax'
   config.optim.global_batch = 512
   config.optim.base_lr = 1.0
   config.optim.min_lr = 1e-4

@@ -1,0 +1,1 @@
+"""Tests, and the oracles they share (torch_reference, subprocess_runs)."""
