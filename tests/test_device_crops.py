@@ -137,7 +137,7 @@ def test_main_py_with_device_crops_tracks_the_host_run(tmp_path):
   only where a value rounds the other way (digits: ~0.6% of values, by 1), so
   step 1 (same parameters) agrees to ~1e-4; later steps drift apart as the
   tiny, high-lr run amplifies that (measured: up to 1.4e-2 by step 4)."""
-  import subprocess_runs as runs
+  from tests import subprocess_runs as runs
   ref = runs.reference()['metrics']
   workdir = str(tmp_path / 'device')
   r = runs.run(workdir, '--config.data.crop_on=device', '--config.montage_png=True',
