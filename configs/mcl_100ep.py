@@ -50,6 +50,12 @@ def get_config():
   # union of the crop windows, downscaled to max_side if longer) and sends
   # one padded max_side^2 buffer + the windows; mcl_jax/device_crops.py cuts
   # and resizes them inside the train step.
+  # Stays 'host' until measured on a quiet machine with an accelerator: on the
+  # shared 2-core CPU box (issue 14) the device path's host side ran 3.0x the
+  # host path on 500x375 JPEGs (0.64x decode-only, short of the 1.5x goal) but
+  # no faster on photos above max_side (the host downscale costs as much as the
+  # 8 resizes), and its step cost (+2.7% of the 224 px 'used' step in FLOPs at
+  # max_side 512) could not be timed on a GPU.
   c.data.crop_on = 'host'  # 'host' | 'device'
   c.data.max_side = 512  # crop_on='device': buffer side; at scale 0.2 crops keep >= ~200 px
 
