@@ -91,6 +91,9 @@ def get_config():
   c.model.neck_regions = 'all'  # 'all' (reference) | 'used' (beyond)
   c.model.region_size = ml_collections.config_dict.placeholder(int)  # None: image_size // 32
   c.model.target_whole_crops_only = False  # beyond: target sees level-0 canvases only
+  # What the backward pass recomputes instead of keeping (model.REMAT): 'none' |
+  # 'blocks' | 'blocks+neck' | 'stages+neck'. Same loss and gradients; less memory.
+  c.model.remat = 'none'
 
   # ---- montage -------------------------------------------------------------
   c.montage = ml_collections.ConfigDict()

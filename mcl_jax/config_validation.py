@@ -10,6 +10,10 @@ import numbers
 from typing import Any
 
 
+# The keys of model.REMAT (kept here so that validation imports no JAX).
+REMAT_SETTINGS = ('none', 'blocks', 'blocks+neck', 'stages+neck')
+
+
 class ConfigError(ValueError):
   """An impossible configuration."""
 
@@ -110,6 +114,8 @@ def validate(config, num_devices: int = 1, num_processes: int = 1):
            'must be 4 positive block counts, or None (from model.depth)')
   _require(m.dtype in ('float32', 'bfloat16', 'float16'), 'model.dtype', m.dtype,
            "must be 'float32', 'bfloat16' or 'float16'")
+  _require(m.remat in REMAT_SETTINGS, 'model.remat', m.remat,
+           f'must be one of {REMAT_SETTINGS} (model.REMAT)')
   _require(o.base_lr > 0, 'optim.base_lr', o.base_lr, 'must be > 0')
   _require(0 <= o.momentum < 1, 'optim.momentum', o.momentum, 'must be in [0, 1)')
   _require(0 <= o.ema_base_momentum < 1, 'optim.ema_base_momentum', o.ema_base_momentum,

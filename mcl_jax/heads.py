@@ -11,8 +11,11 @@ statically sized groups, each normalised with its own mean and variance.
 from typing import Any, Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
+from mcl_jax import batch_norm
+from mcl_jax import remat as remat_lib
 from mcl_jax.resnet import BN_EPS, BN_MOMENTUM, Conv, conv_init
 
 # Reference neck Linear layers: kaiming_init(mode='fan_in', relu), bias 0.
@@ -34,35 +37,37 @@ class GroupedBatchNorm(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x, group_sizes: Sequence[int], train: bool = True):
-    """Normalises x [R, ..., C]; sum(group_sizes) == R."""
+  def __call__(self, x, group_sizes: Sequence[int], train: bool = True, relu: bool = False):
+    """Normalises x [R, ..., C]; sum(group_sizes) == R; optionally applies a ReLU."""
     c = x.shape[-1]
     ra_mean = self.variable('batch_stats', 'mean', lambda: jnp.zeros((c,), jnp.float32))
     ra_var = self.variable('batch_stats', 'var', lambda: jnp.ones((c,), jnp.float32))
     if sum(group_sizes) != x.shape[0]:
       raise ValueError(f'group sizes {tuple(group_sizes)} do not cover {x.shape[0]} rows')
-    axes = tuple(range(x.ndim - 1))
-    if train:
-      parts, start = [], 0
-      new_mean, new_var = ra_mean.value, ra_var.value
-      for size in group_sizes:
-        xg = x[start:start + size].astype(jnp.float32)
-        start += size
-        mean = xg.mean(axes)
-        var = jnp.square(xg - mean).mean(axes)
-        parts.append((xg - mean) * jnp.reciprocal(jnp.sqrt(var + BN_EPS)))
-        new_mean = BN_MOMENTUM * new_mean + (1 - BN_MOMENTUM) * mean
-        new_var = BN_MOMENTUM * new_var + (1 - BN_MOMENTUM) * var
-      if not self.is_initializing():
-        ra_mean.value, ra_var.value = new_mean, new_var
-      y = jnp.concatenate(parts, axis=0)
-    else:
+    scale = (self.param('scale', nn.initializers.ones, (c,), jnp.float32)
+             if self.use_scale else None)
+    bias = self.param('bias', nn.initializers.zeros, (c,), jnp.float32) if self.use_bias else None
+    if not train:
       y = (x.astype(jnp.float32) - ra_mean.value) / jnp.sqrt(ra_var.value + BN_EPS)
-    if self.use_scale:
-      y = y * self.param('scale', nn.initializers.ones, (c,), jnp.float32)
-    if self.use_bias:
-      y = y + self.param('bias', nn.initializers.zeros, (c,), jnp.float32)
-    return y.astype(self.dtype)
+      y = _affine(y, scale, bias).astype(self.dtype)
+      return nn.relu(y) if relu else y
+    y, means, variances = batch_norm.normalize(
+        x, scale, bias, groups=group_sizes, style='grouped', relu=relu, dtype=self.dtype)
+    new_mean, new_var = ra_mean.value, ra_var.value
+    for mean, var in zip(means, variances):
+      new_mean = BN_MOMENTUM * new_mean + (1 - BN_MOMENTUM) * mean
+      new_var = BN_MOMENTUM * new_var + (1 - BN_MOMENTUM) * var
+    if not self.is_initializing():
+      ra_mean.value, ra_var.value = new_mean, new_var
+    return y
+
+
+def _affine(y, scale, bias):
+  if scale is not None:
+    y = y * scale
+  if bias is not None:
+    y = y + bias
+  return y
 
 
 class RegionNeck(nn.Module):
@@ -70,27 +75,41 @@ class RegionNeck(nn.Module):
 
   Each region is its own image of region_size x region_size, so the 3x3
   convs zero-pad at the region border, as in the reference.
+
+  Attributes:
+    remat: recompute each conv + BN + ReLU layer in the backward pass,
+      keeping only its input (one layer's activations at a time instead of
+      the whole stack's; the BN statistics span all regions, so a layer is
+      the smallest unit).
   """
   channels: int = 256
   num_convs: int = 4
   hidden: int = 2048
   out_dim: int = 256
   dtype: Any = jnp.float32
+  remat: bool = False
 
   @nn.compact
   def __call__(self, regions, group_sizes: Sequence[int], train: bool = True):
     """Maps regions [R, k, k, C] to embeddings [R, out_dim] (float32)."""
+
+    def layer(k):
+      def run(mdl, x):
+        # Regions of <= 2 x 2 (canvases of <= 64 px) take Conv's dense-matmul path.
+        x = Conv(self.channels, (3, 3), padding=((1, 1), (1, 1)), use_bias=False,
+                 dtype=self.dtype, param_dtype=jnp.float32, kernel_init=conv_init,
+                 name=f'conv{k}', parent=mdl)(x)
+        return GroupedBatchNorm(dtype=self.dtype, name=f'bn{k}', parent=mdl)(
+            x, group_sizes, train, relu=True)
+      return remat_lib.remat(run) if self.remat else run
+
     x = regions
     for k in range(1, self.num_convs + 1):
-      # Regions of <= 2 x 2 (canvases of <= 64 px) take Conv's dense-matmul path.
-      x = Conv(self.channels, (3, 3), padding=((1, 1), (1, 1)), use_bias=False,
-               dtype=self.dtype, param_dtype=jnp.float32, kernel_init=conv_init,
-               name=f'conv{k}')(x)
-      x = nn.relu(GroupedBatchNorm(dtype=self.dtype, name=f'bn{k}')(x, group_sizes, train))
+      x = layer(k)(self, x)
     x = x.astype(jnp.float32).mean(axis=(1, 2)).astype(self.dtype)
     x = nn.Dense(self.hidden, dtype=self.dtype, param_dtype=jnp.float32,
                  kernel_init=neck_dense_init, name='fc1')(x)
-    x = nn.relu(GroupedBatchNorm(dtype=self.dtype, name='fc1_bn')(x, group_sizes, train))
+    x = GroupedBatchNorm(dtype=self.dtype, name='fc1_bn')(x, group_sizes, train, relu=True)
     x = nn.Dense(self.out_dim, dtype=self.dtype, param_dtype=jnp.float32,
                  kernel_init=neck_dense_init, name='fc2')(x)
     x = GroupedBatchNorm(use_scale=False, use_bias=False, dtype=jnp.float32,
@@ -108,7 +127,7 @@ class Predictor(nn.Module):
   def __call__(self, x, group_sizes: Sequence[int], train: bool = True):
     x = nn.Dense(self.hidden, dtype=self.dtype, param_dtype=jnp.float32,
                  kernel_init=predictor_dense_init, name='fc1')(x)
-    x = nn.relu(GroupedBatchNorm(dtype=self.dtype, name='fc1_bn')(x, group_sizes, train))
+    x = GroupedBatchNorm(dtype=self.dtype, name='fc1_bn')(x, group_sizes, train, relu=True)
     x = nn.Dense(self.out_dim, dtype=self.dtype, param_dtype=jnp.float32,
                  kernel_init=predictor_dense_init, name='fc2')(x)
     return x.astype(jnp.float32)

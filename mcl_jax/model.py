@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mcl_jax import remat as remat_lib
 from mcl_jax import roi_align
 from mcl_jax.fpn import FPN
 from mcl_jax.heads import Predictor, RegionNeck
@@ -24,6 +25,17 @@ from mcl_jax.montage import Layout
 from mcl_jax.resnet import ResNet
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
+
+# `model.remat`: what the online backward pass recomputes instead of keeping.
+# Values: (ResNet.remat, FPN recomputed, neck conv stack recomputed). Every
+# setting computes the same loss and gradients; see docs/PERFORMANCE.md for
+# the memory and FLOPs of each.
+REMAT = {
+    'none': ('none', False, False),
+    'blocks': ('blocks', True, False),  # keeps block inputs and the FPN's inputs
+    'blocks+neck': ('blocks', True, True),  # and only each neck layer's input
+    'stages+neck': ('stages', True, True),  # only stage inputs in the backbone
+}
 
 
 def _grid_regions(fmap, grid: int):
@@ -129,6 +141,7 @@ class MCLNet(nn.Module):
     num_classes: > 0 adds supervised classifiers (spec section 7).
     shared_classifier: one classifier for all levels instead of one each.
     dtype: compute dtype.
+    remat: a key of REMAT.
   """
   depth: int = 50
   width: int = 64
@@ -146,12 +159,19 @@ class MCLNet(nn.Module):
   num_classes: int = 0
   shared_classifier: bool = False
   dtype: Any = jnp.float32
+  remat: str = 'none'
 
   def setup(self):
-    self.backbone = ResNet(self.depth, self.width, self.stage_sizes, self.block, self.dtype)
-    self.fpn = FPN(self.fpn_channels, self.dtype)
+    if self.remat not in REMAT:
+      raise ValueError(f'model.remat={self.remat!r}: must be one of {tuple(REMAT)}')
+    backbone_remat, fpn_remat, neck_remat = REMAT[self.remat]
+    self.backbone = ResNet(self.depth, self.width, self.stage_sizes, self.block, self.dtype,
+                           remat=backbone_remat)
+    # `self` is argument 0 of the lifted FPN.__call__(feats, train).
+    fpn_cls = remat_lib.remat(FPN, static_argnums=(2,)) if fpn_remat else FPN
+    self.fpn = fpn_cls(self.fpn_channels, self.dtype)
     self.neck = RegionNeck(self.fpn_channels, self.neck_convs, self.neck_hidden,
-                           self.embed_dim, self.dtype)
+                           self.embed_dim, self.dtype, remat=neck_remat)
     self.predictors = [Predictor(self.predictor_hidden, self.embed_dim, self.dtype)
                        for _ in range(self.num_levels)]
     if self.num_classes:
@@ -200,7 +220,7 @@ def create_model(config) -> MCLNet:
       region_path=m.region_path, neck_regions=m.neck_regions, region_size=m.region_size,
       num_classes=config.data.num_classes if supervised else 0,
       shared_classifier=config.loss.classifier == 'shared',
-      dtype=DTYPES[m.dtype])
+      dtype=DTYPES[m.dtype], remat=m.remat)
 
 
 def init_variables(model: MCLNet, layout: Layout, key, image_size: int):

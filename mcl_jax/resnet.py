@@ -10,15 +10,16 @@ import functools
 from typing import Any, Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
+
+from mcl_jax import remat as remat_lib
+from mcl_jax.batch_norm import BN_EPS, BN_MOMENTUM, BatchNorm  # pylint: disable=unused-import
 
 # Kaiming normal, fan_out, for ReLU: torchvision's / the reference's conv init.
 conv_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 
-# PyTorch BatchNorm momentum 0.1 is Flax momentum 0.9; eps as in PyTorch.
-BN_MOMENTUM = 0.9
-BN_EPS = 1e-5
 
 STAGE_SIZES = {
     18: (2, 2, 2, 2),
@@ -33,6 +34,9 @@ def pad(k: int) -> tuple[tuple[int, int], tuple[int, int]]:
   p = (k - 1) // 2
   return ((p, p), (p, p))
 
+
+# Backbone recomputation settings (`ResNet.remat`).
+REMAT = ('none', 'blocks', 'stages')
 
 # Convolutions whose output has at most this many pixels run as one dense
 # matmul per image (see `Conv`); 0 sends every conv to XLA's convolution (the
@@ -71,8 +75,13 @@ def dense_conv(x, kernel, strides: tuple[int, int], padding) -> jnp.ndarray:
           qy, qx = strides[0] * py + ty - pt, strides[1] * px + tx - pl
           if 0 <= qy < h and 0 <= qx < w:
             sel[qy * w + qx, py * wo + px, ty * kw + tx] = 1.0
-  big = jnp.einsum('qpt,tcd->qcpd', jnp.asarray(sel, kernel.dtype),
-                   kernel.reshape(kh * kw, cin, cout)).reshape(h * w * cin, ho * wo * cout)
+
+  def weight(kernel):
+    return jnp.einsum('qpt,tcd->qcpd', jnp.asarray(sel, kernel.dtype),
+                      kernel.reshape(kh * kw, cin, cout)).reshape(h * w * cin, ho * wo * cout)
+  # The backward pass rebuilds the weight from the kernel rather than keeping
+  # it: it is (H*W*H'*W') / (kh*kw) times the kernel's size.
+  big = remat_lib.recompute_after_cotangent(weight)(kernel)
   return (x.reshape(n, h * w * cin) @ big).reshape(n, ho, wo, cout)
 
 
@@ -110,10 +119,54 @@ class Conv(nn.Conv):
     return super().__call__(inputs)
 
 
-def batch_norm(train: bool, dtype: Any, name: str, scale_init=nn.initializers.ones):
-  return nn.BatchNorm(
-      use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPS,
-      dtype=dtype, param_dtype=jnp.float32, scale_init=scale_init, name=name)
+@jax.custom_vjp
+def max_pool(x):
+  """3 x 3 max pooling, stride 2, padding 1 (the torchvision stem) of NHWC maps.
+
+  Equal to `nn.max_pool` forward and backward: the gradient goes to the first
+  maximum of each window in row-major order, as XLA's select-and-scatter
+  sends it. It is computed from nine strided slices instead, because XLA's
+  CPU compiler expands select-and-scatter with an int32 index map of the
+  padded input that it computes at the start of the program and keeps alive
+  to the end (a quarter of the stem's output per canvas).
+  """
+  return nn.max_pool(x, (3, 3), strides=(2, 2), padding=pad(3))
+
+
+def _max_pool_fwd(x):
+  return max_pool(x), x
+
+
+def _max_pool_bwd(x, g):
+  n, h, w, c = x.shape
+  _, ho, wo, _ = g.shape
+  xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
+  taps = [jax.lax.slice(xp, (0, ty, tx, 0), (n, ty + 2 * ho - 1, tx + 2 * wo - 1, c),
+                        (1, 2, 2, 1)) for ty in range(3) for tx in range(3)]
+  # The maximum again, from the same saved x: XLA may fuse the forward's
+  # producer into the pooling and round it differently from the saved copy,
+  # so the forward output cannot be compared with these taps.
+  y = functools.reduce(jnp.maximum, taps)
+  taken = jnp.zeros(y.shape, bool)
+  dx = jnp.zeros(xp.shape, jnp.float32)  # overlapping windows add up: in float32
+  g, zero = g.astype(jnp.float32), jnp.zeros((), jnp.float32)
+  for t, tap in enumerate(taps):
+    ty, tx = divmod(t, 3)
+    hit = (tap == y) & ~taken
+    taken = taken | hit
+    # Back onto the padded input grid: every second row / column from (ty, tx).
+    dx = dx + jax.lax.pad(jnp.where(hit, g, zero), zero,
+                          ((0, 0, 0), (ty, h + 2 - ty - 2 * ho + 1, 1),
+                           (tx, w + 2 - tx - 2 * wo + 1, 1), (0, 0, 0)))
+  return (dx[:, 1:h + 1, 1:w + 1].astype(x.dtype),)
+
+
+max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
+
+
+def batch_norm(train: bool, dtype: Any, name: str, scale_init=nn.initializers.ones, **kw):
+  return BatchNorm(use_running_average=not train, dtype=dtype, scale_init=scale_init, name=name,
+                   **kw)
 
 
 class BasicBlock(nn.Module):
@@ -128,10 +181,10 @@ class BasicBlock(nn.Module):
     conv = functools.partial(Conv, use_bias=False, dtype=self.dtype,
                              param_dtype=jnp.float32, kernel_init=conv_init)
     y = conv(self.features, (3, 3), (self.stride, self.stride), pad(3), name='conv1')(x)
-    y = nn.relu(batch_norm(train, self.dtype, 'bn1')(y))
+    y = batch_norm(train, self.dtype, 'bn1')(y, relu=True)
     y = conv(self.features, (3, 3), padding=pad(3), name='conv2')(y)
-    y = batch_norm(train, self.dtype, 'bn2')(y)
-    return nn.relu(y + _shortcut(self, x, self.features, train))
+    return batch_norm(train, self.dtype, 'bn2')(
+        y, _shortcut(self, x, self.features, train), relu=True)
 
 
 class Bottleneck(nn.Module):
@@ -146,12 +199,13 @@ class Bottleneck(nn.Module):
     conv = functools.partial(Conv, use_bias=False, dtype=self.dtype,
                              param_dtype=jnp.float32, kernel_init=conv_init)
     y = conv(self.features, (1, 1), name='conv1')(x)
-    y = nn.relu(batch_norm(train, self.dtype, 'bn1')(y))
+    y = batch_norm(train, self.dtype, 'bn1')(y, relu=True)
     y = conv(self.features, (3, 3), (self.stride, self.stride), pad(3), name='conv2')(y)
-    y = nn.relu(batch_norm(train, self.dtype, 'bn2')(y))
+    y = batch_norm(train, self.dtype, 'bn2')(y, relu=True)
     y = conv(self.features * 4, (1, 1), name='conv3')(y)
-    y = batch_norm(train, self.dtype, 'bn3')(y)
-    return nn.relu(y + _shortcut(self, x, self.features * 4, train))
+    # relu(bn3(y) + shortcut) in one BatchNorm call: its backward recomputes from y.
+    return batch_norm(train, self.dtype, 'bn3')(
+        y, _shortcut(self, x, self.features * 4, train), relu=True)
 
 
 def _shortcut(block: nn.Module, x, out_features: int, train: bool):
@@ -175,12 +229,16 @@ class ResNet(nn.Module):
     stage_sizes: overrides the blocks per stage, e.g. (1, 1, 1, 1).
     block: 'bottleneck' or 'basic'; default from depth (>= 50: bottleneck).
     dtype: compute dtype; parameters are float32.
+    remat: what the backward pass recomputes instead of keeping (see REMAT):
+      'none', 'blocks' (keeps each block's input) or 'stages' (keeps each
+      stage's input).
   """
   depth: int = 50
   width: int = 64
   stage_sizes: Sequence[int] | None = None
   block: str | None = None
   dtype: Any = jnp.float32
+  remat: str = 'none'
 
   @property
   def block_cls(self):
@@ -197,18 +255,37 @@ class ResNet(nn.Module):
     """Maps NHWC images to {'C2': stride 4, ..., 'C5': stride 32}."""
     if self.depth not in STAGE_SIZES and self.stage_sizes is None:
       raise ValueError(f'model.depth={self.depth}: must be one of {sorted(STAGE_SIZES)}')
+    if self.remat not in REMAT:
+      raise ValueError(f'ResNet remat={self.remat!r}: must be one of {REMAT}')
     stages = tuple(self.stage_sizes or STAGE_SIZES[self.depth])
-    x = x.astype(self.dtype)
-    x = Conv(self.width, (7, 7), (2, 2), padding=pad(7), use_bias=False,
-                dtype=self.dtype, param_dtype=jnp.float32, kernel_init=conv_init,
-                name='conv1')(x)
-    x = nn.relu(batch_norm(train, self.dtype, 'bn1')(x))
-    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=pad(3))
+    block_cls = self.block_cls
+    if self.remat == 'blocks':
+      # `self` is argument 0 of the lifted __call__(self, x, train).
+      block_cls = remat_lib.remat(block_cls, static_argnums=(2,))
+
+    def stem(mdl, x):
+      x = Conv(self.width, (7, 7), (2, 2), padding=pad(7), use_bias=False,
+               dtype=self.dtype, param_dtype=jnp.float32, kernel_init=conv_init,
+               name='conv1', parent=mdl)(x)
+      x = batch_norm(train, self.dtype, 'bn1', parent=mdl)(x, relu=True)
+      return max_pool(x)
+
+    def stage(s):
+      def run(mdl, x):
+        for b in range(stages[s]):
+          stride = 2 if (s > 0 and b == 0) else 1
+          x = block_cls(self.width * 2**s, stride, self.dtype, name=f'layer{s + 1}_{b}',
+                        parent=mdl)(x, train)
+        return x
+      return run
+
+    # The functions' modules are this module's children: the same parameter
+    # names with and without remat.
+    lift = remat_lib.remat if self.remat != 'none' else (lambda f: f)
+    # Cast before the stem: a recomputed stem keeps its input in the compute dtype.
+    x = lift(stem)(self, x.astype(self.dtype))
     outs = {}
-    for s, num_blocks in enumerate(stages):
-      for b in range(num_blocks):
-        stride = 2 if (s > 0 and b == 0) else 1
-        x = self.block_cls(self.width * 2**s, stride, self.dtype,
-                           name=f'layer{s + 1}_{b}')(x, train)
+    for s in range(len(stages)):
+      x = (lift(stage(s)) if self.remat == 'stages' else stage(s))(self, x)
       outs[f'C{s + 2}'] = x
     return outs
