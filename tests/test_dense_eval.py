@@ -248,17 +248,18 @@ def _random_fill(tree, seed):
 def tiny_workdir(tmp_path_factory):
   """A real workdir of configs/test_tiny.py: config.json and an Orbax checkpoint of step 2.
 
-  The state is the model's own TrainState structure (train.abstract_train_state)
+  The state is the model's own TrainState structure (state.create_train_state)
   filled with random values and saved through checkpointing.save; compiling a
   train step here would cost minutes on 8 simulated CPU devices, and the
   probe's CLI only needs a checkpoint that load_variables restores.
   """
   from configs import test_tiny  # pylint: disable=import-outside-toplevel
-  from mcl_jax import checkpointing, train  # pylint: disable=import-outside-toplevel
+  from mcl_jax import checkpointing, state as state_lib  # pylint: disable=import-outside-toplevel
   config = test_tiny.get_config()
   workdir = str(tmp_path_factory.mktemp('dense') / 'run')
   checkpointing.check_workdir(workdir)
-  state = _random_fill(jax.eval_shape(lambda k: train.create_train_state(config, k),
+  tx = state_lib.create_optimizer(config, config.optim.num_steps)
+  state = _random_fill(jax.eval_shape(lambda k: state_lib.create_train_state(config, k, tx),
                                       jax.random.key(0)), 0)
   state = state.replace(step=np.asarray(2, np.int32))
   manager = checkpointing.make_manager(workdir, 1, async_save=False)
@@ -318,4 +319,4 @@ def test_cli_missing_workdir_is_one_line(tmp_path, capsys):
     dense_eval.main(['--workdir', str(tmp_path / 'nothing')])
   assert exit_.value.code == 1
   err = capsys.readouterr().err
-  assert 'CheckpointError' in err and 'config.json not found' in err and err.count('\n') == 1
+  assert 'CheckpointError' in err and 'does not exist' in err and err.count('\n') == 1
