@@ -63,6 +63,9 @@ def _forward(x, scale, bias, residual, groups, style, relu, dtype):
   return y, tuple(means), tuple(variances), tuple(rstds)
 
 
+_RELU = nn.relu  # the activation the fused backward is written for
+
+
 @functools.lru_cache(maxsize=None)
 def _normalize_fn(groups: tuple[int, ...], style: str, relu: bool, dtype: Any,
                   has_bias: bool, has_residual: bool):
@@ -127,9 +130,16 @@ def normalize(x, scale, bias, *, groups=None, style: str = 'flax', residual=None
     (y, per-group means, per-group variances); statistics in float32.
   """
   groups = (x.shape[0],) if groups is None else tuple(groups)
-  fn = _normalize_fn(groups, style, relu, jnp.dtype(dtype), bias is not None,
+  # The fused backward is ReLU's (the mask y > 0). Where flax.linen.relu has
+  # been replaced (the PyTorch comparison swaps in a smooth activation), the
+  # activation is applied outside the custom VJP, so that autodiff sees it.
+  fuse = relu and nn.relu is _RELU
+  fn = _normalize_fn(groups, style, fuse, jnp.dtype(dtype), bias is not None,
                      residual is not None)
-  return fn(x, scale, bias, residual)
+  y, means, variances = fn(x, scale, bias, residual)
+  if relu and not fuse:
+    y = nn.relu(y)
+  return y, means, variances
 
 
 class BatchNorm(nn.Module):
