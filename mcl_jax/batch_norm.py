@@ -24,6 +24,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mcl_jax import remat
+
 # PyTorch BatchNorm momentum 0.1 is Flax momentum 0.9; eps as in PyTorch.
 BN_MOMENTUM = 0.9
 BN_EPS = 1e-5
@@ -82,8 +84,9 @@ def _normalize_fn(groups: tuple[int, ...], style: str, relu: bool, dtype: Any,
     return (y, means, variances), (x, scale, keep_y, means, rstds)
 
   def bwd(res, cts):
-    x, scale, y, means, rstds = res
     g, g_means, g_vars = cts
+    # Nothing below may be computed before g exists (see remat.tie).
+    x, scale, y, means, rstds = remat.tie(res, g)
     if relu:
       g = jnp.where(y > 0, g, jnp.zeros((), g.dtype))
     d_residual = g if has_residual else None

@@ -101,20 +101,24 @@ class RegionNeck(nn.Module):
                  name=f'conv{k}', parent=mdl)(x)
         return GroupedBatchNorm(dtype=self.dtype, name=f'bn{k}', parent=mdl)(
             x, group_sizes, train, relu=True)
-      return remat_lib.remat(run) if self.remat else run
+      # Each layer's backward pass waits for its cotangent (see remat.py).
+      return remat_lib.remat(run, policy=remat_lib.RECOMPUTE if self.remat else remat_lib.KEEP)
 
     x = regions
     for k in range(1, self.num_convs + 1):
       x = layer(k)(self, x)
-    x = x.astype(jnp.float32).mean(axis=(1, 2)).astype(self.dtype)
-    x = nn.Dense(self.hidden, dtype=self.dtype, param_dtype=jnp.float32,
-                 kernel_init=neck_dense_init, name='fc1')(x)
-    x = GroupedBatchNorm(dtype=self.dtype, name='fc1_bn')(x, group_sizes, train, relu=True)
-    x = nn.Dense(self.out_dim, dtype=self.dtype, param_dtype=jnp.float32,
-                 kernel_init=neck_dense_init, name='fc2')(x)
-    x = GroupedBatchNorm(use_scale=False, use_bias=False, dtype=jnp.float32,
-                         name='fc2_bn')(x, group_sizes, train)
-    return x
+
+    def head(mdl, x):
+      x = x.astype(jnp.float32).mean(axis=(1, 2)).astype(self.dtype)
+      x = nn.Dense(self.hidden, dtype=self.dtype, param_dtype=jnp.float32,
+                   kernel_init=neck_dense_init, name='fc1', parent=mdl)(x)
+      x = GroupedBatchNorm(dtype=self.dtype, name='fc1_bn', parent=mdl)(
+          x, group_sizes, train, relu=True)
+      x = nn.Dense(self.out_dim, dtype=self.dtype, param_dtype=jnp.float32,
+                   kernel_init=neck_dense_init, name='fc2', parent=mdl)(x)
+      return GroupedBatchNorm(use_scale=False, use_bias=False, dtype=jnp.float32,
+                              name='fc2_bn', parent=mdl)(x, group_sizes, train)
+    return remat_lib.remat(head, policy=remat_lib.KEEP)(self, x)
 
 
 class Predictor(nn.Module):

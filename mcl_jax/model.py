@@ -27,9 +27,10 @@ from mcl_jax.resnet import ResNet
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
 
 # `model.remat`: what the online backward pass recomputes instead of keeping.
-# Values: (ResNet.remat, FPN recomputed, neck conv stack recomputed). Every
+# Values: (ResNet.remat, FPN recomputed, neck layers recomputed). Every
 # setting computes the same loss and gradients; see docs/PERFORMANCE.md for
-# the memory and FLOPs of each.
+# the memory and FLOPs of each. Every part's backward pass waits for its
+# cotangent in all settings (remat.py).
 REMAT = {
     'none': ('none', False, False),
     'blocks': ('blocks', True, False),  # keeps block inputs and the FPN's inputs
@@ -167,12 +168,15 @@ class MCLNet(nn.Module):
     backbone_remat, fpn_remat, neck_remat = REMAT[self.remat]
     self.backbone = ResNet(self.depth, self.width, self.stage_sizes, self.block, self.dtype,
                            remat=backbone_remat)
-    # `self` is argument 0 of the lifted FPN.__call__(feats, train).
-    fpn_cls = remat_lib.remat(FPN, static_argnums=(2,)) if fpn_remat else FPN
+    # `self` is argument 0 of the lifted __call__s: FPN(feats, train),
+    # Predictor(x, group_sizes, train).
+    fpn_cls = remat_lib.remat(FPN, static_argnums=(2,), policy=(
+        remat_lib.RECOMPUTE if fpn_remat else remat_lib.KEEP))
     self.fpn = fpn_cls(self.fpn_channels, self.dtype)
     self.neck = RegionNeck(self.fpn_channels, self.neck_convs, self.neck_hidden,
                            self.embed_dim, self.dtype, remat=neck_remat)
-    self.predictors = [Predictor(self.predictor_hidden, self.embed_dim, self.dtype)
+    predictor_cls = remat_lib.remat(Predictor, static_argnums=(2, 3), policy=remat_lib.KEEP)
+    self.predictors = [predictor_cls(self.predictor_hidden, self.embed_dim, self.dtype)
                        for _ in range(self.num_levels)]
     if self.num_classes:
       n = 1 if self.shared_classifier else self.num_levels

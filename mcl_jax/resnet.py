@@ -81,7 +81,7 @@ def dense_conv(x, kernel, strides: tuple[int, int], padding) -> jnp.ndarray:
                       kernel.reshape(kh * kw, cin, cout)).reshape(h * w * cin, ho * wo * cout)
   # The backward pass rebuilds the weight from the kernel rather than keeping
   # it: it is (H*W*H'*W') / (kh*kw) times the kernel's size.
-  big = remat_lib.recompute_after_cotangent(weight)(kernel)
+  big = remat_lib.checkpoint(weight, remat_lib.RECOMPUTE)(kernel)
   return (x.reshape(n, h * w * cin) @ big).reshape(n, ho, wo, cout)
 
 
@@ -138,6 +138,7 @@ def _max_pool_fwd(x):
 
 
 def _max_pool_bwd(x, g):
+  x = remat_lib.tie(x, g)  # nothing below may run before g exists
   n, h, w, c = x.shape
   _, ho, wo, _ = g.shape
   xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
@@ -258,10 +259,11 @@ class ResNet(nn.Module):
     if self.remat not in REMAT:
       raise ValueError(f'ResNet remat={self.remat!r}: must be one of {REMAT}')
     stages = tuple(self.stage_sizes or STAGE_SIZES[self.depth])
-    block_cls = self.block_cls
-    if self.remat == 'blocks':
-      # `self` is argument 0 of the lifted __call__(self, x, train).
-      block_cls = remat_lib.remat(block_cls, static_argnums=(2,))
+    # Every block (and the stem) is a unit whose backward pass waits for its
+    # cotangent; 'blocks' recomputes its inside, 'stages' a whole stage.
+    unit = remat_lib.RECOMPUTE if self.remat == 'blocks' else remat_lib.KEEP
+    # `self` is argument 0 of the lifted __call__(self, x, train).
+    block_cls = remat_lib.remat(self.block_cls, static_argnums=(2,), policy=unit)
 
     def stem(mdl, x):
       x = Conv(self.width, (7, 7), (2, 2), padding=pad(7), use_bias=False,
@@ -281,11 +283,12 @@ class ResNet(nn.Module):
 
     # The functions' modules are this module's children: the same parameter
     # names with and without remat.
-    lift = remat_lib.remat if self.remat != 'none' else (lambda f: f)
+    policy = remat_lib.KEEP if self.remat == 'none' else remat_lib.RECOMPUTE
     # Cast before the stem: a recomputed stem keeps its input in the compute dtype.
-    x = lift(stem)(self, x.astype(self.dtype))
+    x = remat_lib.remat(stem, policy=policy)(self, x.astype(self.dtype))
     outs = {}
     for s in range(len(stages)):
-      x = (lift(stage(s)) if self.remat == 'stages' else stage(s))(self, x)
+      run = stage(s)
+      x = (remat_lib.remat(run) if self.remat == 'stages' else run)(self, x)
       outs[f'C{s + 2}'] = x
     return outs

@@ -79,23 +79,66 @@ def test_batch_norm_matches_flax(dtype, train_mode, fused):
     assert np.abs(a - b).max() <= (1e-5 if dtype == jnp.float32 else 2e-2) * np.abs(b).max()
 
 
-def test_recompute_after_cotangent_keeps_inputs_only():
-  """The VJP keeps the inputs only, and gives autodiff's gradient."""
+def _reads_before_cotangent(fn, *args):
+  """Primitives of fn's backward pass computed from saved values alone.
+
+  XLA may schedule those anywhere after the forward pass (the CPU compiler
+  hoists them into it and keeps their outputs alive): the backward pass
+  should start from the cotangent.
+  """
+  out, vjp = jax.vjp(fn, *args)
+  leaves, tree = jax.tree.flatten(vjp)
+  ct = jax.tree.map(jnp.ones_like, out)
+  jaxpr = jax.make_jaxpr(lambda l, c: jax.tree.unflatten(tree, l)(c))(leaves, ct).jaxpr
+  saved = set(jaxpr.invars[:len(leaves)])
+  after_ct = set(jaxpr.invars[len(leaves):])
+  early = []
+  for eqn in jaxpr.eqns:
+    ins = [v for v in eqn.invars if isinstance(v, jax.extend.core.Var)]
+    if any(v in after_ct for v in ins):
+      after_ct.update(eqn.outvars)
+    elif any(v in saved for v in ins):
+      saved.update(eqn.outvars)
+      early.append(eqn.primitive.name)
+  return early
+
+
+def _chain(w, x):
+  for _ in range(3):
+    x = jnp.tanh(x @ w) * jnp.sin(x)
+  return jnp.sum(x**2)
+
+
+def test_checkpoint_keeps_what_its_policy_allows_and_waits_for_the_cotangent():
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.standard_normal((16, 32)), jnp.float32)
   w = jnp.asarray(rng.standard_normal((32, 32)) / 6, jnp.float32)
+  recompute = remat.checkpoint(_chain, remat.RECOMPUTE)
+  keep = remat.checkpoint(_chain, remat.KEEP)
+  assert {r.part for r in memory.saved_residuals(recompute, w, x)} == {'argument'}
+  kept = lambda fn: sum(r.nbytes for r in memory.saved_residuals(fn, w, x)
+                       if r.part != 'argument')
+  assert kept(_chain) <= kept(keep) <= 1.1 * kept(_chain)  # about what autodiff keeps
+  g_ref = jax.grad(_chain, (0, 1))(w, x)
+  for fn in (recompute, keep):
+    for a, b in zip(jax.grad(fn, (0, 1))(w, x), g_ref):
+      np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6 * float(jnp.abs(b).max()))
+    assert not _reads_before_cotangent(fn, w, x)
 
-  def f(w, x):
-    for _ in range(3):
-      x = jnp.tanh(x @ w) * jnp.sin(x)
-    return jnp.sum(x**2)
-  wrapped = remat.recompute_after_cotangent(f)
-  kept = memory.saved_residuals(lambda w, x: wrapped(w, x), w, x)
-  assert {r.part for r in kept} == {'argument'}, kept
-  assert len(memory.saved_residuals(f, w, x)) > 2  # plain autodiff keeps more
-  g, g_ref = jax.grad(wrapped, (0, 1))(w, x), jax.grad(f, (0, 1))(w, x)
-  for a, b in zip(g, g_ref):
-    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6 * float(jnp.abs(b).max()))
+
+def test_batch_norm_and_max_pool_backward_wait_for_the_cotangent():
+  rng = np.random.default_rng(1)
+  x = jnp.asarray(rng.standard_normal((4, 6, 6, 3)), jnp.bfloat16)
+  scale, bias = jnp.ones((3,), jnp.float32), jnp.zeros((3,), jnp.float32)
+  bn = lambda x, s, b: batch_norm.normalize(x, s, b, relu=True, dtype=jnp.bfloat16)[0]
+  assert not _reads_before_cotangent(bn, x, scale, bias)
+  assert not _reads_before_cotangent(resnet.max_pool, x)
+  # The check itself: a backward pass that starts from its saved input.
+  @jax.custom_vjp
+  def square(x):
+    return x * x
+  square.defvjp(lambda x: (x * x, x), lambda x, g: (2.0 * x * g,))
+  assert _reads_before_cotangent(square, x) == ['mul']
 
 
 # ------------------------------------------------------------ bf16 residuals --
