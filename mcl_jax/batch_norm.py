@@ -90,27 +90,27 @@ def _normalize_fn(groups: tuple[int, ...], style: str, relu: bool, dtype: Any,
     if relu:
       g = jnp.where(y > 0, g, jnp.zeros((), g.dtype))
     d_residual = g if has_residual else None
-    gf = g.astype(jnp.float32)
     axes = tuple(range(x.ndim - 1))
     per_row = x[0].size // x.shape[-1]
-    dxs, d_scale, start = [], 0.0, 0
+    dxs, d_scale, d_bias, start = [], 0.0, 0.0, 0
     for i, size in enumerate(groups):
-      xg = x[start:start + size].astype(jnp.float32)
-      gg = gf[start:start + size]
+      # Per group: two reductions and one elementwise pass over (g, x), all
+      # reading the compute dtype; float32 only inside the fused loops.
+      gg = g[start:start + size].astype(jnp.float32)
+      centred = x[start:start + size].astype(jnp.float32) - means[i]
       start += size
       n = size * per_row
-      centred = xg - means[i]
-      x_hat = centred * rstds[i]
-      sum_g, sum_gx = gg.sum(axes), (gg * x_hat).sum(axes)
-      d_scale = d_scale + sum_gx
+      sum_g, sum_gc = gg.sum(axes), (gg * centred).sum(axes)
+      sum_gx = sum_gc * rstds[i]  # sum(g * x_hat)
+      d_scale, d_bias = d_scale + sum_gx, d_bias + sum_g
       k = rstds[i] * scale if scale is not None else rstds[i]
-      dx = k * (gg - sum_g / n - x_hat * (sum_gx / n))
-      # The statistics' own cotangents (zero unless something differentiates them).
-      dx = dx + g_means[i] / n + g_vars[i] * (2.0 / n) * centred
-      dxs.append(dx)
+      # dx = k (g - mean(g) - x_hat mean(g x_hat)), plus the statistics' own
+      # cotangents (zero unless something differentiates them).
+      offset = g_means[i] / n - k * sum_g / n
+      slope = g_vars[i] * (2.0 / n) - k * rstds[i] * sum_gx / n
+      dxs.append((k * gg + offset + slope * centred).astype(x.dtype))
     dx = jnp.concatenate(dxs, axis=0) if len(dxs) > 1 else dxs[0]
-    d_bias = gf.sum(axes) if has_bias else None
-    return (dx.astype(x.dtype), None if scale is None else d_scale, d_bias, d_residual)
+    return (dx, None if scale is None else d_scale, d_bias if has_bias else None, d_residual)
 
   f.defvjp(fwd, bwd)
   return f
