@@ -92,6 +92,10 @@ def build_config(args):
     c.model.region_path = args.region_path
   if args.target_whole_crops_only is not None:
     c.model.target_whole_crops_only = bool(args.target_whole_crops_only)
+  if args.remat:
+    c.model.remat = args.remat
+  if args.accumulate:
+    c.optim.accumulate = args.accumulate
   group = val('group_size') or c.montage.group_size
   c.montage.group_size = min(group, val('batch'))
   c.optim.num_steps = 1000  # no epoch counting (that would import TensorFlow)
@@ -225,9 +229,10 @@ def synthetic_images(config, key):
           'windows': jnp.stack([y, x, ch, cw], -1)}
 
 
-def setup(config, num_devices):
+def setup(config, num_devices, abstract: bool = False):
   """Mesh, initial state, the jitted step, synthetic images on device (uint8
-  crops, or buffers + windows with data.crop_on='device')."""
+  crops, or buffers + windows with data.crop_on='device'). With `abstract`,
+  state and images are ShapeDtypeStructs (for compiling only)."""
   import jax
   import jax.numpy as jnp
   from jax.sharding import NamedSharding, PartitionSpec as P
@@ -236,11 +241,18 @@ def setup(config, num_devices):
   rep, shard = NamedSharding(mesh, P()), NamedSharding(mesh, P('data'))
   num_steps = config.optim.num_steps
   tx = state_lib.create_optimizer(config, num_steps)
-  state = jax.jit(lambda k: state_lib.create_train_state(config, k, tx),
-                  out_shardings=rep)(jax.random.key(0))
   b = config.optim.global_batch
-  crops = jax.jit(lambda k: synthetic_images(config, k),
-                  out_shardings=shard)(jax.random.key(1))
+  make_state = lambda k: state_lib.create_train_state(config, k, tx)
+  make_crops = lambda k: synthetic_images(config, k)
+  if abstract:
+    spec = lambda tree, sharding: jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
+    state = spec(jax.eval_shape(make_state, jax.random.key(0)), rep)
+    crops = spec(jax.eval_shape(make_crops, jax.random.key(1)), shard)
+    labels = jax.ShapeDtypeStruct((b,), jnp.int32, sharding=shard)
+    return mesh, state, crops, labels, train.make_train_step(config, mesh, tx, num_steps)
+  state = jax.jit(make_state, out_shardings=rep)(jax.random.key(0))
+  crops = jax.jit(make_crops, out_shardings=shard)(jax.random.key(1))
   labels = jax.device_put(jnp.zeros((b,), jnp.int32), shard)
   step = train.make_train_step(config, mesh, tx, num_steps)
   return mesh, state, crops, labels, step
@@ -314,12 +326,57 @@ def bench_step(config, args) -> dict:
   return res
 
 
+# -------------------------------------------------------------------- sweep --
+
+def sweep(config, args) -> list:
+  """Compile-only memory / FLOPs / compile time of the step for each setting.
+
+  Every combination of --sweep (per-device batches), --sweep-regions,
+  --sweep-remat, --sweep-accumulate and --sweep-dtypes; the montage group is
+  min(group, batch). Compiles run one at a time; rows are printed as they come.
+  """
+  import itertools
+  import jax
+  from mcl_jax import config_validation
+  ndev = args.devices or jax.local_device_count()
+  group = config.montage.group_size
+  rows = []
+  print(f"{'batch':>5} {'regions':<7} {'remat':<12} {'accumulate':<10} {'dtype':<9} "
+        f"{'args GiB':>8} {'temp GiB':>8} {'args+temp':>9} {'TFLOP':>7} {'compile s':>9}")
+  for batch, regions, remat, accumulate, dtype in itertools.product(
+      [int(b) for b in args.sweep.split(',')], args.sweep_regions.split(','),
+      args.sweep_remat.split(','), args.sweep_accumulate.split(','),
+      args.sweep_dtypes.split(',')):
+    c = config.copy_and_resolve_references()
+    c.optim.global_batch = batch * ndev
+    c.montage.group_size = min(group, batch)
+    c.model.neck_regions, c.model.remat, c.optim.accumulate = regions, remat, accumulate
+    c.model.dtype = dtype
+    config_validation.validate(c, ndev)
+    _, state, crops, labels, step = setup(c, ndev, abstract=True)
+    t = time.perf_counter()
+    compiled = step.lower(state, crops, labels).compile()
+    m = _memory(compiled, jax.local_devices()[0])
+    row = {'per_device_batch': batch, 'neck_regions': regions, 'remat': remat,
+           'accumulate': accumulate, 'dtype': dtype, 'compile_s': time.perf_counter() - t,
+           'flops_per_step': _flops(compiled), 'memory': m,
+           'args_plus_temp_bytes': m['argument_size_in_bytes'] + m['temp_size_in_bytes']}
+    rows.append(row)
+    g = 2**30
+    print(f"{batch:>5} {regions:<7} {remat:<12} {accumulate:<10} {dtype:<9} "
+          f"{m['argument_size_in_bytes'] / g:>8.2f} {m['temp_size_in_bytes'] / g:>8.2f} "
+          f"{row['args_plus_temp_bytes'] / g:>9.2f} {row['flops_per_step'] / 1e12:>7.2f} "
+          f"{row['compile_s']:>9.1f}", flush=True)
+  return rows
+
+
 # ---------------------------------------------------------------------- A/B --
 
 AB_FIELDS = {'neck_regions': str, 'target_whole_crops_only': lambda v: bool(int(v)),
              'dtype': str, 'region_path': str, 'small_map_convs': str,
-             'crop_on': str, 'max_side': int}
+             'crop_on': str, 'max_side': int, 'remat': str, 'accumulate': str}
 DATA_FIELDS = ('crop_on', 'max_side')  # --ab fields of config.data
+OPTIM_FIELDS = ('accumulate',)  # --ab fields of config.optim
 
 
 def parse_ab(spec: str) -> dict:
@@ -351,6 +408,8 @@ def ab_compare(config, args) -> dict:
       variant.model.dtype = v
     elif k in DATA_FIELDS:
       setattr(variant.data, k, v)
+    elif k in OPTIM_FIELDS:
+      setattr(variant.optim, k, v)
     elif k != 'small_map_convs':
       setattr(variant.model, k, v)
   sides = {}
@@ -374,7 +433,8 @@ def ab_compare(config, args) -> dict:
                                'target_whole_crops_only': bool(cfg.model.target_whole_crops_only),
                                'dtype': cfg.model.dtype, 'region_path': cfg.model.region_path,
                                'small_map_convs': mode, 'crop_on': cfg.data.crop_on,
-                               'max_side': cfg.data.max_side}}
+                               'max_side': cfg.data.max_side, 'remat': cfg.model.remat,
+                               'accumulate': cfg.optim.accumulate}}
   for r in range(0 if args.compile_only else args.warmup + args.steps):
     order = ('baseline', 'variant') if r % 2 == 0 else ('variant', 'baseline')
     this_round = {}
@@ -654,6 +714,15 @@ def main(argv=None):
   p.add_argument('--neck-regions', choices=('all', 'used'))
   p.add_argument('--region-path', choices=('reshape', 'roi_align'))
   p.add_argument('--target-whole-crops-only', type=int, choices=(0, 1))
+  p.add_argument('--remat', help="model.remat: 'none', 'blocks', 'blocks+neck', 'stages+neck'")
+  p.add_argument('--accumulate', choices=('none', 'views'), help='optim.accumulate')
+  p.add_argument('--sweep', help='compile only, one per setting, a table: comma-separated '
+                 "per-device batches, e.g. 32,64,128 (with --sweep-regions, --sweep-remat, "
+                 '--sweep-accumulate, --sweep-dtypes)')
+  p.add_argument('--sweep-regions', default='all,used')
+  p.add_argument('--sweep-remat', default='none,blocks,blocks+neck,stages+neck')
+  p.add_argument('--sweep-accumulate', default='none,views')
+  p.add_argument('--sweep-dtypes', default='float32,bfloat16')
   p.add_argument('--small-map-convs', choices=('dense', 'xla'), default='dense',
                  help="'dense' (library default): convs with <= 2x2 outputs as dense "
                       "matmuls (resnet.Conv); 'xla': all on XLA's convolution")
@@ -679,7 +748,9 @@ def main(argv=None):
   if args.matmul_size is None:
     args.matmul_size = 2048 if jax.default_backend() == 'cpu' else 8192
   config = build_config(args)
-  if args.ab:
+  if args.sweep:
+    res = sweep(config, args)
+  elif args.ab:
     res = ab_compare(config, args)
     print()
     print_ab(res)

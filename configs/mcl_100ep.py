@@ -133,6 +133,9 @@ def get_config():
   c.optim.num_epochs = 100
   c.optim.num_steps = ml_collections.config_dict.placeholder(int)  # overrides epochs
   c.optim.ema_base_momentum = 0.99
+  # 'views': each view's online forward + backward in turn, summing the gradients
+  # (same loss and gradient, one view's activations in memory); 'none': both at once.
+  c.optim.accumulate = 'none'
 
   # ---- bookkeeping ----------------------------------------------------------
   c.log_every = 50

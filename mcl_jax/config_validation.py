@@ -116,6 +116,11 @@ def validate(config, num_devices: int = 1, num_processes: int = 1):
            "must be 'float32', 'bfloat16' or 'float16'")
   _require(m.remat in REMAT_SETTINGS, 'model.remat', m.remat,
            f'must be one of {REMAT_SETTINGS} (model.REMAT)')
+  _require(o.accumulate in ('none', 'views'), 'optim.accumulate', o.accumulate,
+           "must be 'none' or 'views'")
+  _require(o.accumulate == 'none' or config.objective == 'self_supervised',
+           'optim.accumulate', o.accumulate, "'views' is implemented for the "
+           "self-supervised objective only")
   _require(o.base_lr > 0, 'optim.base_lr', o.base_lr, 'must be > 0')
   _require(0 <= o.momentum < 1, 'optim.momentum', o.momentum, 'must be in [0, 1)')
   _require(0 <= o.ema_base_momentum < 1, 'optim.ema_base_momentum', o.ema_base_momentum,

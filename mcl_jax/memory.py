@@ -8,12 +8,15 @@ file that produced it (montage assembly and region cutting, the loss).
 
 import collections
 import dataclasses
+import re
 from typing import Callable
 
+from absl import logging
 import jax
 import jax.extend
 import numpy as np
-from jax._src import source_info_util
+
+from mcl_jax import config_validation
 
 # Module scopes of MCLNet's submodules, in the order they run.
 PARTS = ('backbone', 'fpn', 'neck', 'predictors')
@@ -35,13 +38,13 @@ class Residual:
 
 def _part(eqn) -> str:
   scope = str(eqn.source_info.name_stack)
-  for p in PARTS:
-    if f'/{p}' in f'/{scope}':
+  for p in PARTS:  # 'backbone/...', or 'jvp(fpn)' inside a lifted transform
+    if re.search(rf'(^|[/(]){p}(_\d+)?([/)]|$)', scope):
       return p
-  where = source_info_util.summarize(eqn.source_info, num_frames=12)
-  for line in reversed(where.splitlines()):  # innermost frame first
+  tb = eqn.source_info.traceback
+  for frame in (tb.frames if tb is not None else ()):  # innermost frame first
     for fname, part in FILE_PARTS:
-      if fname in line:
+      if frame.file_name.endswith('/' + fname):
         return part
   return 'other'
 
@@ -57,7 +60,11 @@ def saved_residuals(fn: Callable, params, *rest) -> list[Residual]:
   """
   closed = jax.make_jaxpr(lambda p, *r: jax.vjp(lambda q: fn(q, *r), p)[1])(params, *rest)
   jaxpr = closed.jaxpr
-  wanted = {v for v in jaxpr.outvars if isinstance(v, jax.extend.core.Var)}
+  # As jax.ad_checkpoint.saved_residuals: look through reduce_precision
+  # (jax.checkpoint's marker of a saved value) to the value's producer.
+  through = {e.outvars[0]: e.invars[0] for e in jaxpr.eqns
+             if e.primitive.name == 'reduce_precision'}
+  wanted = {through.get(v, v) for v in jaxpr.outvars if isinstance(v, jax.extend.core.Var)}
   made_by = {v: e for e in jaxpr.eqns for v in e.outvars if v in wanted}
   out = []
   for v in wanted:  # each buffer once, however many times the VJP reads it
@@ -81,3 +88,101 @@ def summarize(residuals: list[Residual]) -> dict:
     by_both[f'{r.part}/{r.dtype}'] += r.nbytes
   return {'total': sum(by_dtype.values()), 'by_dtype': dict(by_dtype),
           'by_part': dict(by_part), 'by_part_dtype': dict(by_both)}
+
+
+# ---------------------------------------------------------------- preflight --
+
+GIB = 2**30
+
+# Compiled temp memory of the step relative to model.remat='none' and
+# optim.accumulate='none' (ResNet-50, 224 px, per-device batch 128, bf16,
+# neck_regions='all', CPU compile: docs/PERFORMANCE.md). Only used to
+# suggest settings; a suggestion is an estimate, not a compile.
+TEMP_FACTORS = {
+    ('remat', 'blocks'): 0.0, ('remat', 'blocks+neck'): 0.0, ('accumulate', 'views'): 0.0,
+    ('neck_regions', 'used'): 0.0,
+}
+
+
+class DoesNotFitError(config_validation.ConfigError):
+  """The compiled train step needs more memory than the device has."""
+
+
+def device_bytes_limit(device) -> int | None:
+  """The device's memory for buffers (`memory_stats()['bytes_limit']`), or None."""
+  try:
+    stats = device.memory_stats()
+  except Exception:  # pylint: disable=broad-except  (backends without statistics)
+    return None
+  return int(stats['bytes_limit']) if stats and stats.get('bytes_limit') else None
+
+
+def compiled_bytes(compiled) -> dict:
+  """Per-device bytes of a compiled step: arguments, outputs, aliased, temp, total."""
+  ma = compiled.memory_analysis()
+  out = {'arguments': ma.argument_size_in_bytes, 'outputs': ma.output_size_in_bytes,
+         'aliased': ma.alias_size_in_bytes, 'temp': ma.temp_size_in_bytes}
+  out['total'] = out['arguments'] + out['outputs'] - out['aliased'] + out['temp']
+  return out
+
+
+def _fitting_batch(per_device: int, group: int, need: dict, limit: int) -> int:
+  """The largest per-device batch (a multiple of the group) whose estimate fits."""
+  fixed = need['total'] - need['temp']  # state and batch: the batch part is small
+  for b in range(per_device - group, 0, -group):
+    if fixed + need['temp'] * b / per_device <= limit:
+      return b
+  return 0
+
+
+def check_fits(compiled, config, num_devices: int, bytes_limit: int | None) -> dict:
+  """Raises DoesNotFitError (one line) when the compiled step cannot fit the device.
+
+  Args:
+    compiled: the compiled train step.
+    config: its config (for the settings to suggest).
+    num_devices: devices of the mesh (the per-device batch).
+    bytes_limit: the device's memory (`device_bytes_limit`); None skips the check.
+
+  Returns:
+    `compiled_bytes(compiled)`.
+  """
+  need = compiled_bytes(compiled)
+  if bytes_limit is None or need['total'] <= bytes_limit:
+    return need
+  per_device = config.optim.global_batch // num_devices
+  fits = []
+  current = {'remat': config.model.remat, 'accumulate': config.optim.accumulate,
+             'neck_regions': config.model.neck_regions}
+  field = {'remat': 'model.remat', 'accumulate': 'optim.accumulate',
+           'neck_regions': 'model.neck_regions'}
+  for (name, value), factor in TEMP_FACTORS.items():
+    if current[name] == value or (name == 'remat' and current[name] != 'none'):
+      continue
+    estimate = need['total'] - need['temp'] * (1 - factor)
+    if estimate <= bytes_limit:
+      fits.append(f"{field[name]}='{value}' (about {estimate / GIB:.1f} GiB)")
+  batch = _fitting_batch(per_device, config.montage.group_size, need, bytes_limit)
+  if batch:
+    fits.append(f'per-device batch {batch} (global batch {batch * num_devices}, '
+                f'about {(need["total"] - need["temp"] * (1 - batch / per_device)) / GIB:.1f}'
+                ' GiB)')
+  hint = ('settings that would fit (estimates): ' + '; '.join(fits)) if fits else (
+      'no single setting would fit: combine model.remat, optim.accumulate, '
+      "model.neck_regions='used' and a smaller per-device batch")
+  raise DoesNotFitError(
+      f'the train step needs {need["total"] / GIB:.2f} GiB per device at per-device batch '
+      f'{per_device} (arguments {need["arguments"] / GIB:.2f} + temporaries '
+      f'{need["temp"] / GIB:.2f} GiB), the device has {bytes_limit / GIB:.2f} GiB: {hint}; '
+      'see docs/PERFORMANCE.md, "What fits where"')
+
+
+def check_step_fits(compiled, config, mesh):
+  """The train loop's preflight: `check_fits` against the first local device's memory."""
+  device = next(d for d in mesh.devices.flat if d.process_index == jax.process_index())
+  need = check_fits(compiled, config, mesh.devices.size, device_bytes_limit(device))
+  logging.info('Train step memory per device: %.2f GiB (arguments %.2f, temporaries %.2f)%s',
+               need['total'] / GIB, need['arguments'] / GIB, need['temp'] / GIB,
+               '' if device_bytes_limit(device) is None
+               else f' of {device_bytes_limit(device) / GIB:.2f} GiB')
+  return need

@@ -8,11 +8,12 @@ themselves is losses.py's; the network is model.py's.
 """
 
 import dataclasses
-from typing import Sequence
+from typing import Callable, Sequence
 
 import jax
 
 from mcl_jax import losses, montage
+from mcl_jax import remat as remat_lib
 from mcl_jax.model import MCLNet
 from mcl_jax.montage import Layout
 
@@ -44,10 +45,61 @@ def target_embeddings(model: MCLNet, target_vars, canvases, layout: Layout,
   return jax.lax.stop_gradient(emb), state['batch_stats']
 
 
+def view_by_view(view_loss: Callable, params, batch_stats, inputs: Sequence):
+  """sum_v view_loss(params, batch_stats_v, inputs[v]), differentiated one view at a time.
+
+  The loss of a batch is a sum of per-view terms (each view's predictions
+  meet the other view's stop-gradient targets), so its gradient is the sum
+  of the per-view gradients. Computing each view's forward and backward
+  pass before the next view's forward pass (its inputs are tied to the
+  previous gradient, see remat.tie) keeps one view's activations instead of
+  two. Loss, gradient and BatchNorm statistics are those of the one-pass
+  computation (summation order aside).
+
+  Args:
+    view_loss: (params, batch_stats, inputs_v) -> (loss_v, (aux_v, new batch_stats)).
+    params: differentiated.
+    batch_stats: the online BN statistics, threaded through the views in order.
+    inputs: per view, what its forward pass reads besides params (not
+      differentiated): it is tied to the previous views' gradient.
+
+  Returns:
+    (loss, (per-view aux, final batch_stats)), differentiable in params.
+  """
+
+  def run(params, with_grads: bool):
+    bs, total, auxs, grads = batch_stats, 0.0, [], None
+    for x in inputs:
+      if grads is not None:
+        x = remat_lib.tie(x, grads)  # this view waits for the previous one's backward
+      if with_grads:
+        (loss, (aux, bs)), g = jax.value_and_grad(view_loss, has_aux=True)(params, bs, x)
+        grads = g if grads is None else jax.tree.map(lambda a, b: a + b, grads, g)
+      else:
+        loss, (aux, bs) = view_loss(params, bs, x)
+      total = total + loss
+      auxs.append(aux)
+    return (total, (auxs, bs)), grads
+
+  @jax.custom_vjp
+  def f(params):
+    return run(params, False)[0]
+
+  def fwd(params):
+    return run(params, True)
+
+  def bwd(grads, cotangent):
+    ct_loss = cotangent[0]
+    return (jax.tree.map(lambda g: (g * ct_loss).astype(g.dtype), grads),)
+
+  f.defvjp(fwd, bwd)
+  return f(params)
+
+
 def self_supervised_batch_loss(model: MCLNet, params, batch_stats, target_vars, crops, key,
                 layout: Layout, *, tau: float, level_weights: Sequence[float],
                 mesh=None, downsample: str = 'nearest',
-                target_whole_crops_only: bool = False):
+                target_whole_crops_only: bool = False, accumulate: str = 'none'):
   """The MCL loss of one batch (two views, all levels, the global target bank).
 
   Args:
@@ -62,10 +114,20 @@ def self_supervised_batch_loss(model: MCLNet, params, batch_stats, target_vars, 
     mesh: a mesh with a 'data' axis to assemble montages per device, or None.
     downsample: montage downsampling ('nearest' or 'antialias').
     target_whole_crops_only: see `target_embeddings`.
+    accumulate: 'none', or 'views': the target bank of both views first, then
+      each view's online forward and backward pass in turn (`view_by_view`;
+      the same loss and gradient with one view's activations in memory).
 
   Returns:
     (loss, (metrics, new online batch_stats, new target batch_stats)).
   """
+  if accumulate == 'views':
+    return _self_supervised_view_by_view(
+        model, params, batch_stats, target_vars, crops, key, layout, tau=tau,
+        level_weights=level_weights, mesh=mesh, downsample=downsample,
+        target_whole_crops_only=target_whole_crops_only)
+  if accumulate != 'none':
+    raise ValueError(f"optim.accumulate={accumulate!r}: must be 'none' or 'views'")
   targets, preds, labels = [], [], []
   target_bs = target_vars['batch_stats']
   for view in (0, 1):
@@ -81,6 +143,41 @@ def self_supervised_batch_loss(model: MCLNet, params, batch_stats, target_vars, 
     labels.append(lab)
   loss, metrics = losses.mcl_loss(preds[0], preds[1], labels[0], labels[1],
                                   targets[0], targets[1], tau, level_weights)
+  return loss, (metrics, batch_stats, target_bs)
+
+
+def _self_supervised_view_by_view(model: MCLNet, params, batch_stats, target_vars, crops, key,
+                                  layout: Layout, *, tau, level_weights, mesh, downsample,
+                                  target_whole_crops_only):
+  """`self_supervised_batch_loss` with accumulate='views'."""
+  canvases, labels, targets = [], [], []
+  target_bs = target_vars['batch_stats']
+  for view in (0, 1):
+    c, lab = view_canvases(crops, view, layout, key, mesh, downsample)
+    t, target_bs = target_embeddings(
+        model, {'params': target_vars['params'], 'batch_stats': target_bs}, c, layout,
+        target_whole_crops_only)
+    canvases.append(c)
+    labels.append(lab)
+    targets.append(losses.l2_normalize(t))
+
+  def view_loss(params, batch_stats, inputs):
+    canvases_v, labels_v, targets_other = inputs
+    preds, state = model.apply({'params': params, 'batch_stats': batch_stats},
+                               canvases_v, layout, train=True, mutable=['batch_stats'])
+    terms = [losses.infonce(preds[i], targets_other, labels_v[i], tau, w)
+             for i, w in enumerate(level_weights)]
+    return sum(t[0] for t in terms), (terms, state['batch_stats'])
+
+  inputs = [(canvases[v], labels[v], targets[1 - v]) for v in (0, 1)]
+  loss, ((terms_q, terms_k), batch_stats) = view_by_view(view_loss, params, batch_stats,
+                                                         inputs)
+  metrics = {}
+  for i, ((lq, pq, nq), (lk, pk, nk)) in enumerate(zip(terms_q, terms_k)):
+    metrics[f'loss_level{i}'] = lq + lk
+    metrics[f'pos_cos_level{i}'] = (pq + pk) / 2
+    metrics[f'neg_cos_level{i}'] = (nq + nk) / 2
+  metrics['loss'] = loss
   return loss, (metrics, batch_stats, target_bs)
 
 
@@ -141,5 +238,6 @@ def batch_loss_fn(config, model: MCLNet, layout: Layout, mesh=None):
           {'params': state.target_params, 'batch_stats': state.target_batch_stats},
           crops, key, layout, tau=l.tau, level_weights=l.level_weights, mesh=mesh,
           downsample=downsample,
-          target_whole_crops_only=config.model.target_whole_crops_only)
+          target_whole_crops_only=config.model.target_whole_crops_only,
+          accumulate=config.optim.accumulate)
   return loss_fn

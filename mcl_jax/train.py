@@ -24,7 +24,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from mcl_jax import augment, checkpointing, cli, config_validation, device_crops, logs
-from mcl_jax import montage, objective
+from mcl_jax import memory, montage, objective
 from mcl_jax import model as model_lib
 from mcl_jax import state as state_lib
 from mcl_jax import visualize
@@ -362,7 +362,10 @@ def _run(run: _Run, manager, stop: _StopSignal) -> dict:
         # from C++ on a busy CPU, goes to the log file, not the console.
         logging.info('Compiling the train step (the first step; minutes on a CPU)...')
         with cli.native_stderr_to_log('xla'):
-          state, metrics = train_step(state, images, batch['label'])
+          # Compiled ahead of time: its memory is checked before it runs.
+          train_step = train_step.lower(state, images, batch['label']).compile()
+        memory.check_step_fits(train_step, config, run.mesh)
+        state, metrics = train_step(state, images, batch['label'])
       else:
         state, metrics = train_step(state, images, batch['label'])
       if pending is not None:

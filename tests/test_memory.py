@@ -285,3 +285,80 @@ def test_max_pool_matches_flax(shape, dtype, producer):
   tol = 1e-6 if dtype == jnp.float32 else 2.0**-7
   np.testing.assert_allclose(dx, dx_ref, rtol=tol, atol=tol * np.abs(dx_ref).max())
   assert 'select_and_scatter' not in str(jax.make_jaxpr(vjp)(g))
+
+
+# --------------------------------------------------------------- accumulate --
+
+def test_view_by_view_equals_one_pass_with_less_memory():
+  """optim.accumulate='views' vs 'none' on test_tiny (float32, train-mode BN):
+  loss and metrics 1e-6 relative, gradients 1e-6 relative to the gradient's
+  norm, BN statistics (online and target) equal; smaller compiled temp."""
+  c = _tiny()
+  net, layout, size = model_lib.create_model(c), montage.layout_for(c), c.data.image_size
+  var = jax.jit(lambda k: model_lib.init_variables(net, layout, k, size))(
+      jax.random.key(0, impl='rbg'))
+  target = {k: model_lib.encoder_subtree(var[k]) for k in ('params', 'batch_stats')}
+  rng = np.random.default_rng(0)
+  crops = jnp.asarray(rng.standard_normal((16, 8, size, size, 3)), jnp.float32)
+  runs = {}
+  for accumulate in ('none', 'views'):
+    def loss(params, bs, target, crops, accumulate=accumulate):
+      return objective.self_supervised_batch_loss(
+          net, params, bs, target, crops, jax.random.key(3), layout, tau=c.loss.tau,
+          level_weights=c.loss.level_weights, accumulate=accumulate)
+    args = (var['params'], var['batch_stats'], target, crops)
+    compiled = jax.jit(jax.value_and_grad(loss, has_aux=True)).lower(*args).compile(
+        compiler_options={'xla_backend_optimization_level': 0})
+    runs[accumulate] = (compiled(*args), compiled.memory_analysis().temp_size_in_bytes)
+  ((loss0, (m0, bs0, tbs0)), g0), temp0 = runs['none']
+  ((loss1, (m1, bs1, tbs1)), g1), temp1 = runs['views']
+  leaves0, leaves1 = jax.tree.leaves(g0), jax.tree.leaves(g1)
+  norm = np.sqrt(sum(float(jnp.sum(g**2)) for g in leaves0))
+  rel = np.sqrt(sum(float(jnp.sum((a - b)**2)) for a, b in zip(leaves1, leaves0))) / norm
+  print(f"accumulate='views' vs 'none': loss {float(loss1):.6f} vs {float(loss0):.6f}, "
+        f"gradient rel {rel:.1e}; temp {temp1 / 2**20:.2f} vs {temp0 / 2**20:.2f} MiB")
+  assert abs(float(loss1) - float(loss0)) <= 1e-6 * abs(float(loss0))
+  assert m1.keys() == m0.keys()
+  for k in m0:
+    assert abs(float(m1[k]) - float(m0[k])) <= 1e-6 * max(1.0, abs(float(m0[k]))), k
+  assert rel <= 1e-6
+  for a, b in zip(jax.tree.leaves((bs1, tbs1)), jax.tree.leaves((bs0, tbs0))):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+  assert temp1 < temp0
+
+
+# ---------------------------------------------------------------- preflight --
+
+def test_check_fits_names_batch_bytes_and_settings():
+  """A compiled function against a faked device limit: one line naming the
+  per-device batch, the bytes needed and available, and what would fit."""
+  compiled = jax.jit(lambda x: jnp.tanh(x @ x.T) @ x).lower(
+      jax.ShapeDtypeStruct((2048, 1024), jnp.float32)).compile()
+  need = memory.compiled_bytes(compiled)
+  c = _tiny()
+  c.optim.global_batch = 64  # 8 per device on 8 devices, group 8
+  assert memory.check_fits(compiled, c, 8, None) == need  # no device statistics: no check
+  assert memory.check_fits(compiled, c, 8, need['total']) == need
+  c.optim.global_batch = 256  # 32 per device
+  with pytest.raises(memory.DoesNotFitError) as e:
+    memory.check_fits(compiled, c, 8, need['total'] - need['temp'] // 2)
+  msg = str(e.value)
+  print(msg)
+  assert '\n' not in msg and 'per-device batch 32 ' in msg
+  assert f"{need['total'] / 2**30:.2f} GiB per device" in msg
+  assert "model.remat='blocks+neck'" in msg and "optim.accumulate='views'" in msg
+  assert 'per-device batch 16 (global batch 128' in msg  # half the temporaries fit
+  assert isinstance(e.value, config_validation.ConfigError)  # exit status 2, one line
+
+
+def test_train_loop_stops_before_the_first_step_when_the_step_cannot_fit(
+    tmp_path, monkeypatch):
+  from mcl_jax import train
+  monkeypatch.setattr(memory, 'device_bytes_limit', lambda device: 2**20)  # 1 MiB
+  c = _tiny(levels=1)  # one level and one neck conv: a short compile
+  c.model.neck_convs = 1
+  c.optim.global_batch = 8 * jax.device_count()
+  with pytest.raises(memory.DoesNotFitError, match=r'per-device batch 8 .* the device has '
+                     r'0\.00 GiB'):
+    train.train_and_evaluate(c, str(tmp_path / 'run'))
+  assert not (tmp_path / 'run').exists()  # nothing was trained, nothing is left
