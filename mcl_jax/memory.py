@@ -94,14 +94,16 @@ def summarize(residuals: list[Residual]) -> dict:
 
 GIB = 2**30
 
-# Compiled temp memory of the step relative to model.remat='none' and
-# optim.accumulate='none' (ResNet-50, 224 px, per-device batch 128, bf16,
-# neck_regions='all', CPU compile: docs/PERFORMANCE.md). Only used to
-# suggest settings; a suggestion is an estimate, not a compile.
-TEMP_FACTORS = {
-    ('remat', 'blocks'): 0.0, ('remat', 'blocks+neck'): 0.0, ('accumulate', 'views'): 0.0,
-    ('neck_regions', 'used'): 0.0,
-}
+# Compiled temp memory of the step with these settings, relative to
+# model.remat='none', optim.accumulate='none', neck_regions='all' (ResNet-50,
+# 224 px, per-device batch 128, bf16, CPU compile: docs/PERFORMANCE.md, "What
+# fits where"). Only used to suggest settings: a suggestion is an estimate.
+TEMP_FACTORS = (
+    ({'model.remat': 'blocks', 'optim.accumulate': 'views'}, 0.283),
+    ({'model.remat': 'blocks+neck'}, 0.477),
+    ({'optim.accumulate': 'views'}, 0.511),
+    ({'model.neck_regions': 'used'}, 0.838),
+)
 
 
 class DoesNotFitError(config_validation.ConfigError):
@@ -127,9 +129,18 @@ def compiled_bytes(compiled) -> dict:
 
 
 def _fitting_batch(per_device: int, group: int, need: dict, limit: int) -> int:
-  """The largest per-device batch (a multiple of the group) whose estimate fits."""
+  """The largest smaller per-device batch whose estimate fits (temp ~ batch).
+
+  Whole montage groups below the current batch, then (one group per device)
+  halved groups.
+  """
   fixed = need['total'] - need['temp']  # state and batch: the batch part is small
-  for b in range(per_device - group, 0, -group):
+  candidates = list(range(per_device - group, 0, -group))
+  b = min(group, per_device) // 2
+  while b >= 1:
+    candidates.append(b)
+    b //= 2
+  for b in candidates:
     if fixed + need['temp'] * b / per_device <= limit:
       return b
   return 0
@@ -152,19 +163,23 @@ def check_fits(compiled, config, num_devices: int, bytes_limit: int | None) -> d
     return need
   per_device = config.optim.global_batch // num_devices
   fits = []
-  current = {'remat': config.model.remat, 'accumulate': config.optim.accumulate,
-             'neck_regions': config.model.neck_regions}
-  field = {'remat': 'model.remat', 'accumulate': 'optim.accumulate',
-           'neck_regions': 'model.neck_regions'}
-  for (name, value), factor in TEMP_FACTORS.items():
-    if current[name] == value or (name == 'remat' and current[name] != 'none'):
+  current = {'model.remat': config.model.remat, 'optim.accumulate': config.optim.accumulate,
+             'model.neck_regions': config.model.neck_regions}
+  defaults = current['model.remat'] == 'none' and current['optim.accumulate'] == 'none'
+  for overrides, factor in TEMP_FACTORS:
+    # The factors are relative to no remat and no accumulation.
+    if any(current[k] == v for k, v in overrides.items()) or (
+        not defaults and 'model.neck_regions' not in overrides):
       continue
     estimate = need['total'] - need['temp'] * (1 - factor)
     if estimate <= bytes_limit:
-      fits.append(f"{field[name]}='{value}' (about {estimate / GIB:.1f} GiB)")
-  batch = _fitting_batch(per_device, config.montage.group_size, need, bytes_limit)
+      settings = ', '.join(f"{k}='{v}'" for k, v in overrides.items())
+      fits.append(f'{settings} (about {estimate / GIB:.1f} GiB)')
+  group = config.montage.group_size
+  batch = _fitting_batch(per_device, group, need, bytes_limit)
   if batch:
-    fits.append(f'per-device batch {batch} (global batch {batch * num_devices}, '
+    regroup = f', montage.group_size={batch}' if batch < group else ''
+    fits.append(f'per-device batch {batch} (optim.global_batch={batch * num_devices}{regroup}, '
                 f'about {(need["total"] - need["temp"] * (1 - batch / per_device)) / GIB:.1f}'
                 ' GiB)')
   hint = ('settings that would fit (estimates): ' + '; '.join(fits)) if fits else (

@@ -347,7 +347,7 @@ def test_check_fits_names_batch_bytes_and_settings():
   assert '\n' not in msg and 'per-device batch 32 ' in msg
   assert f"{need['total'] / 2**30:.2f} GiB per device" in msg
   assert "model.remat='blocks+neck'" in msg and "optim.accumulate='views'" in msg
-  assert 'per-device batch 16 (global batch 128' in msg  # half the temporaries fit
+  assert 'per-device batch 16 (optim.global_batch=128,' in msg  # half the temporaries fit
   assert isinstance(e.value, config_validation.ConfigError)  # exit status 2, one line
 
 
