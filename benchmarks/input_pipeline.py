@@ -8,7 +8,8 @@ machine load; medians of the rounds):
 * host path (data.crop_on='host'): decode of the windows' union + 8
   antialiased resizes, batched crops;
 * device path, host side (data.crop_on='device'): decode of the windows'
-  union, downscale to max_side if longer, padded buffer + windows, batched;
+  union, downscale to max_side if longer, batched into padded buffers +
+  windows;
 
 each also as a ratio to decode only. Then the device side of the device path:
 `device_crops.crop_batch` under jit on whatever JAX backend is present
@@ -22,7 +23,7 @@ scikit-image's bundled photos (300x451 to 872x1000) saved as JPEG q90, cycled
 to the same count.
 
 Usage:
-  python -m benchmarks.input_pipeline [--rounds 5] [--seconds 3] [--json out.json]
+  python -m benchmarks.input_pipeline [--rounds 5] [--seconds 3] [--max_side 512] [--json out.json]
 """
 
 import argparse
@@ -210,6 +211,8 @@ def main():
   parser.add_argument('--aug_sizes', default='224',
                       help="comma-separated crop sides for augment_crops ('' skips)")
   parser.add_argument('--aug_iters', type=int, default=5)
+  parser.add_argument('--max_side', type=int, default=None,
+                      help='data.max_side of the device path (default: the config\'s)')
   parser.add_argument('--json', default=None, help='also write results here')
   args = parser.parse_args()
 
@@ -217,6 +220,8 @@ def main():
   data_cfg = config.data
   data_cfg.source = 'folder'
   data_cfg.shuffle_buffer = args.num_images
+  if args.max_side:
+    data_cfg.max_side = args.max_side
   results = {'cpu_count': os.cpu_count(), 'load_before': os.getloadavg(),
              'jax_device': str(jax.devices()[0].device_kind),
              'image_size': data_cfg.image_size, 'num_crops': data_cfg.num_crops,

@@ -74,6 +74,9 @@ def build_config(args):
   preset = dict(PRESETS[args.preset])
   bases = {'test_tiny': test_tiny, 'demo': demo, 'mcl_100ep': mcl_100ep}
   c = bases[preset.pop('base')].get_config()
+  # The step alone, fed its crops (comparable across presets and with the
+  # figures in docs/PERFORMANCE.md); --ab crop_on=device measures the crops.
+  c.data.crop_on = 'host'
   preset.pop('steps')
   val = lambda name: getattr(args, name) if getattr(args, name) is not None else preset.get(name)
   if val('depth') is not None:

@@ -50,13 +50,14 @@ def get_config():
   # union of the crop windows, downscaled to max_side if longer) and sends
   # one padded max_side^2 buffer + the windows; mcl_jax/device_crops.py cuts
   # and resizes them inside the train step.
-  # Stays 'host' until measured on a quiet machine with an accelerator: on the
-  # shared 2-core CPU box (issue 14) the device path's host side ran 3.0x the
-  # host path on 500x375 JPEGs (0.64x decode-only, short of the 1.5x goal) but
-  # no faster on photos above max_side (the host downscale costs as much as the
-  # 8 resizes), and its step cost (+2.7% of the 224 px 'used' step in FLOPs at
-  # max_side 512) could not be timed on a GPU.
-  c.data.crop_on = 'host'  # 'host' | 'device'
+  # 'device' because it feeds an accelerator about 4x more images per host
+  # core at the same crops (docs/PERFORMANCE.md section 8, issue 14): on
+  # 500x375 JPEGs one core's host side ran 550 images/s against the host
+  # path's 106 (decode alone: 756, so 1.37x of the decode floor); on larger
+  # photos 169 against 101. Its step cost is +0.6% FLOPs at 64 px (+2.7% at
+  # 224 px with 512 px buffers) and no measurable time on the r50-small step.
+  # The crops equal the host's to 1 grey level (below max_side).
+  c.data.crop_on = 'device'  # 'host' | 'device'
   c.data.max_side = 512  # crop_on='device': buffer side; at scale 0.2 crops keep >= ~200 px
 
   # ---- device augmentation: view A (crops 0-3) and view B (crops 4-7) -----

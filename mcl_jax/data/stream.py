@@ -119,7 +119,15 @@ def batched(ds, spec: DataSpec, local_batch: int):
   ds = ds.ignore_errors(log_warning=True)
   ds = ds.filter(lambda ex: ex['ok'])
   ds = ds.map(lambda ex: {k: v for k, v in ex.items() if k != 'ok'})
-  ds = ds.batch(local_batch, drop_remainder=True)
+  if spec.crop_on == 'device':
+    # Each image is padded into its max_side^2 buffer as it is copied into
+    # the batch (see decode.device_buffer); every other entry has its shape.
+    m = spec.max_side
+    shapes = {k: ([m, m, 3] if k == 'image' else v.shape)
+              for k, v in ds.element_spec.items()}
+    ds = ds.padded_batch(local_batch, padded_shapes=shapes, drop_remainder=True)
+  else:
+    ds = ds.batch(local_batch, drop_remainder=True)
   ds = ds.prefetch(spec.prefetch or tf.data.AUTOTUNE)
   return ds.with_options(dataset_options(spec))
 
