@@ -54,8 +54,9 @@ def get_config():
   # core at the same crops (docs/PERFORMANCE.md section 8, issue 14): on
   # 500x375 JPEGs one core's host side ran 550 images/s against the host
   # path's 106 (decode alone: 756, so 1.37x of the decode floor); on larger
-  # photos 169 against 101. Its step cost is +0.6% FLOPs at 64 px (+2.7% at
-  # 224 px with 512 px buffers) and no measurable time on the r50-small step.
+  # photos 169 against 101. Its step cost is +0.6% FLOPs at 64 px, +1.3%
+  # ('all') to +2.7% ('used') at 224 px with 512 px buffers, no measurable
+  # time on the r50-small step, and no compiled memory at 224 px.
   # The crops equal the host's to 1 grey level (below max_side).
   c.data.crop_on = 'device'  # 'host' | 'device'
   c.data.max_side = 512  # crop_on='device': buffer side; at scale 0.2 crops keep >= ~200 px
