@@ -3,16 +3,16 @@
 Run:  python main.py --config=configs/demo.py --workdir=runs/demo
 
 Hardware: any CPU; 600 steps of batch 64 (about 27 epochs of the 1,438
-training digits); 16.5 min after the install on a 2-core CPU loaded by other
-jobs (load average 7-9). A narrow ResNet-18-style FPN sees
+training digits); 4.9 min after the install on 2 free CPU cores (16.5 min
+when other jobs kept them at a load average of 7-9). A narrow ResNet-18-style FPN sees
 32 px canvases, so every montage level maps to one 1x1 region on its FPN
 level (32 / 32) and the reference's reshape path works unchanged (level-3
 tiles are 4 px, so levels 2-3 learn least). Expect the total loss to fall
-from 3.47 to about 2.01 and the level-0 positive cosine to rise from 0 to
-about 0.83 (negatives stay near 0). At the end it prints held-out kNN / linear-probe top-1 of a random
-init beside the pretrained backbone, measured 0.866 -> 0.911 kNN and
-0.939 -> 0.969 linear (seed 0, reference LARS and warm-up), then the dense
-probe (docs/DENSE.md): mIoU 0.135 -> 0.176 on digit scenes.
+from 3.47 to about 2.00 and the level-0 positive cosine to rise from 0 to
+about 0.82 (negatives stay near 0). At the end it prints held-out kNN / linear-probe top-1 of a random
+init beside the pretrained backbone, measured 0.866 -> 0.891 kNN and
+0.939 -> 0.972 linear (seed 0, reference LARS and warm-up), then the dense
+probe (docs/DENSE.md): mIoU 0.135 -> 0.184 on digit scenes.
 
 Departures from the 100-epoch recipe, all for a 32 px, 600-step CPU run:
 tau 0.2 (a visible loss range), trust coefficient 0.02 (LARS at batch 64
