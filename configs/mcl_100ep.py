@@ -11,8 +11,9 @@ montage group (128 images) is assembled on one device.
 
 Expect: 31,280 steps; the loss starts near 4 x sum(w) x log(4096) ~ 33.3
 (two views, each level's CE times 2 tau w, at tau = 1) and the exported backbone + FPN + neck reach 42.5 box AP / 38.3 mask AP with
-Mask R-CNN R50-FPN 1x on COCO (paper, Table 1). See ../shared/MCL_SPEC.md for
-every number below.
+Mask R-CNN R50-FPN 1x on COCO (paper, Table 1). Every number below is the
+reference recipe's (the MCL paper and its released code) unless its comment
+says otherwise.
 """
 
 import ml_collections
