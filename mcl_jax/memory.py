@@ -195,9 +195,9 @@ def check_fits(compiled, config, num_devices: int, bytes_limit: int | None) -> d
 def check_step_fits(compiled, config, mesh):
   """The train loop's preflight: `check_fits` against the first local device's memory."""
   device = next(d for d in mesh.devices.flat if d.process_index == jax.process_index())
-  need = check_fits(compiled, config, mesh.devices.size, device_bytes_limit(device))
+  limit = device_bytes_limit(device)
+  need = check_fits(compiled, config, mesh.devices.size, limit)
   logging.info('Train step memory per device: %.2f GiB (arguments %.2f, temporaries %.2f)%s',
                need['total'] / GIB, need['arguments'] / GIB, need['temp'] / GIB,
-               '' if device_bytes_limit(device) is None
-               else f' of {device_bytes_limit(device) / GIB:.2f} GiB')
+               '' if limit is None else f' of {limit / GIB:.2f} GiB')
   return need
