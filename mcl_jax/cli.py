@@ -307,7 +307,7 @@ _FILE_FORMAT = '%(asctime)s %(levelname).1s %(name)s %(filename)s:%(lineno)d] %(
 class _State:
   handlers: list = []
   buffer: logging.handlers.MemoryHandler | None = None
-  file: logging.FileHandler | None = None
+  file: logging.Handler | None = None
 
 
 def setup_logging(verbose: bool = False):
@@ -353,8 +353,55 @@ def use_project_verbosity():
     root.removeHandler(handler)
 
 
+class _AppendFileHandler(logging.Handler):
+  """The log file on gs:// (mcl_jax.paths.AppendFile): uploaded in batches.
+
+  GCS has no appends: `emit` only keeps the lines; they are uploaded by
+  `flush_log_file` (the training loop calls it after every step: at most
+  every `interval_s` seconds, and forced before each checkpoint) and when the
+  file is closed. Never from `emit`: the upload's own client logs from its
+  event-loop thread, which would wait for this handler's lock. A failed
+  upload keeps the lines for the next one and says so once on stderr
+  (logging from here would recurse).
+  """
+
+  def __init__(self, path: str, interval_s: float):
+    super().__init__()
+    from mcl_jax import paths  # pylint: disable=import-outside-toplevel
+    self.baseFilename = path
+    self._storage_error = paths.StorageError
+    self._file = paths.AppendFile(path, min_interval_s=interval_s)
+    self._failing = False
+
+  def emit(self, record):
+    try:
+      self._file.write(self.format(record) + '\n')
+    except Exception:  # pylint: disable=broad-except
+      self.handleError(record)
+
+  def _upload(self, force: bool):
+    try:
+      self._file.flush(force=force)
+      self._failing = False
+    except self._storage_error as e:
+      if not self._failing:
+        print(f'warning: log file: {e}', file=sys.stderr, flush=True)
+      self._failing = True
+
+  def flush(self):
+    """Nothing: logging calls this with the handler's lock held (see the class)."""
+
+  def close(self):
+    self._upload(force=True)
+    super().close()
+
+
+# gs:// log file: one upload at most this often between checkpoints.
+CLOUD_LOG_FLUSH_S = 30.0
+
+
 def log_to_file(path: str) -> str | None:
-  """Starts writing the full log (library INFO included) to `path`.
+  """Starts writing the full log (library INFO included) to `path` (local or gs://).
 
   What was logged since `setup_logging` is written first. Does nothing
   unless `setup_logging` ran (library code and tests log as they please).
@@ -363,7 +410,10 @@ def log_to_file(path: str) -> str | None:
   if _State.buffer is None:
     return None
   close_log_file()
-  handler = logging.FileHandler(path, mode='a')
+  if str(path).startswith('gs://'):
+    handler = _AppendFileHandler(path, CLOUD_LOG_FLUSH_S)
+  else:
+    handler = logging.FileHandler(path, mode='a')
   handler.setFormatter(logging.Formatter(_FILE_FORMAT))
   handler.setLevel(logging.DEBUG)
   for record in _State.buffer.buffer:
@@ -379,6 +429,15 @@ def log_to_file(path: str) -> str | None:
 def log_file() -> str | None:
   """The open log file's path, or None."""
   return _State.file.baseFilename if _State.file is not None else None
+
+
+def flush_log_file(force: bool = True):
+  """Makes the log file durable so far (gs://: uploads what is buffered;
+  not `force`d: only if CLOUD_LOG_FLUSH_S passed since the last upload)."""
+  if isinstance(_State.file, _AppendFileHandler):
+    _State.file._upload(force=force)  # pylint: disable=protected-access
+  elif _State.file is not None:
+    _State.file.flush()
 
 
 def close_log_file():

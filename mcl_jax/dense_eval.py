@@ -34,7 +34,7 @@ From Python (e.g. at the end of a run):
 
 import argparse
 import functools
-import os
+import io
 import sys
 import time
 from typing import Any, Sequence
@@ -481,9 +481,12 @@ def write_png(path: str, data: seg_data.ProbeData, preds: np.ndarray,
                              for r in rows), [])[:-1], axis=0)
   scale = max(1, 256 // data.image_size)
   try:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    from mcl_jax import paths  # pylint: disable=import-outside-toplevel
+    buf = io.BytesIO()
     Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale),
-                                 Image.NEAREST).save(path)
+                                 Image.NEAREST).save(buf, 'PNG')
+    paths.makedirs(paths.dirname(paths.abspath(path)))
+    paths.write_atomic(path, buf.getvalue())
   except OSError as e:
     raise DenseEvalError(f'cannot write the PNG {path!r} ({type(e).__name__}: '
                          f'{e.strerror or e})') from e
@@ -548,7 +551,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
   from mcl_jax import checkpointing  # pylint: disable=import-outside-toplevel
   config, variables = checkpointing.load_variables(args.workdir, step=args.step,
                                                    which=args.which)
-  png = args.png or os.path.join(args.workdir, 'dense_probe.png')
+  from mcl_jax import paths  # pylint: disable=import-outside-toplevel
+  png = args.png or paths.join(args.workdir, 'dense_probe.png')
   result = evaluate_variables(
       config, variables, compare_random_init=True, features=args.features,
       dataset=args.dataset, seed=args.seed, png=None if png.lower() == 'none' else png,

@@ -26,14 +26,14 @@ running_var. Every array is float32 NumPy (num_batches_tracked: int64 0-d).
 """
 
 import argparse
-import os
+import io
 import pickle
 import re
 from typing import Any, Mapping
 
 import numpy as np
 
-from mcl_jax import cli
+from mcl_jax import cli, paths
 
 NORM_SUFFIXES = ('weight', 'bias', 'running_mean', 'running_var')
 _BLOCK_RE = re.compile(r'^layer(\d+)_(\d+)$')
@@ -205,8 +205,7 @@ def save_detectron2(checkpoint: Mapping[str, Any], path: str) -> None:
   """Pickles a `to_detectron2` dict (detectron2 loads .pkl files this way)."""
   if not str(path).endswith('.pkl'):
     raise ExportError(f'{path}: detectron2 only treats *.pkl files as pickled weights')
-  with open(path, 'wb') as f:
-    pickle.dump(dict(checkpoint), f, protocol=pickle.HIGHEST_PROTOCOL)
+  paths.write_atomic(path, pickle.dumps(dict(checkpoint), protocol=pickle.HIGHEST_PROTOCOL))
 
 
 TORCH_INSTALL = ('pip install -e ".[torch]" (the optional extra, a CPU build of '
@@ -221,7 +220,12 @@ def save_torchvision(state_dict: Mapping[str, np.ndarray], path: str) -> None:
   """torch.save of a `to_torchvision` dict as torch tensors."""
   torch = _torch()
   tensors = {k: torch.from_numpy(np.array(v)) for k, v in state_dict.items()}
-  torch.save(tensors, path)
+  if not paths.is_cloud(path):
+    torch.save(tensors, path)
+    return
+  buf = io.BytesIO()  # the zip torch writes to a file, in memory, then one upload
+  torch.save(tensors, buf)
+  paths.write_atomic(path, buf.getvalue())
 
 
 def export(variables: Mapping[str, Any], fmt: str, path: str) -> list[str]:
@@ -269,7 +273,7 @@ def main(argv=None) -> int:
     _torch()  # before minutes of loading: say now what to install
   from mcl_jax import checkpointing  # pylint: disable=import-outside-toplevel
   _, variables = checkpointing.load_variables(args.workdir, step=args.step, which=args.which)
-  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+  paths.makedirs(paths.dirname(paths.abspath(args.out)))
   names = export(variables, args.format, args.out)
   print(f'wrote {len(names)} tensors ({args.which} network, {args.format}) to {args.out}')
   return 0

@@ -45,6 +45,7 @@ GCS has no directories, no appends and no renames:
 """
 
 import builtins
+import logging
 import os
 import posixpath
 import shutil
@@ -55,6 +56,14 @@ import uuid
 # Before anything imports gcsfs or asks etils for a gs:// backend (see above).
 os.environ['EPATH_USE_TF'] = '0'
 os.environ['GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT'] = 'false'
+
+# The log file keeps the run, not a line per HTTP request of the storage client.
+logging.getLogger('gcsfs').setLevel(logging.INFO)
+logging.getLogger('fsspec').setLevel(logging.WARNING)
+if os.environ.get('STORAGE_EMULATOR_HOST'):
+  # A storage emulator (tests) takes no credentials: gcsfs (ours and Orbax's)
+  # still tries the default ones first, and google-auth warns each time.
+  logging.getLogger('google.auth._default').setLevel(logging.ERROR)
 
 GS = 'gs://'
 # The marker Orbax writes last into a complete checkpoint on GCS.
@@ -107,11 +116,6 @@ def _fs():
     if _FS is None:
       _check_backends()
       import fsspec  # pylint: disable=import-outside-toplevel
-      if emulated():
-        # gcsfs tries the default credentials first; against an emulator
-        # there are none, and google-auth warns about each attempt.
-        import logging  # pylint: disable=import-outside-toplevel
-        logging.getLogger('google.auth._default').setLevel(logging.ERROR)
       _FS = fsspec.filesystem('gs', use_listings_cache=False, skip_instance_cache=True)
     return _FS
 
@@ -338,7 +342,10 @@ class AppendFile:
     self.path, self.binary, self.min_interval_s = str(path), binary, min_interval_s
     self.cloud = is_cloud(path)
     self.uploads = self.bytes_uploaded = 0
+    # Writes only take _lock, briefly: a write never waits for an upload
+    # (a log record emitted by the upload's own client must not deadlock).
     self._lock = threading.Lock()
+    self._upload_lock = threading.Lock()
     self._pending = bytearray()
     self._last = 0.0
     self._file = None
@@ -355,21 +362,30 @@ class AppendFile:
       self._pending += data.encode() if isinstance(data, str) else data
 
   def flush(self, force: bool = True):
-    """Makes what was written durable (on gs://: uploads it, see the class)."""
+    """Makes what was written durable (on gs://: uploads it, see the class).
+
+    Not forced: skipped within `min_interval_s` of the last upload, or while
+    another thread uploads.
+    """
     if self._file is not None:
       self._file.flush()
       return
-    with self._lock:
-      if not self._pending:
-        return
-      if not force and time.monotonic() - self._last < self.min_interval_s:
-        return
-      data = bytes(self._pending)
+    if not self._upload_lock.acquire(blocking=force):
+      return
+    try:
+      with self._lock:
+        if not self._pending or (
+            not force and time.monotonic() - self._last < self.min_interval_s):
+          return
+        data = bytes(self._pending)
       self._append(data)
-      del self._pending[:len(data)]
+      with self._lock:
+        del self._pending[:len(data)]
       self._last = time.monotonic()
       self.uploads += 1
       self.bytes_uploaded += len(data)
+    finally:
+      self._upload_lock.release()
 
   def _append(self, data: bytes):
     fs, key = _fs(), _key(self.path)

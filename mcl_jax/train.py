@@ -11,7 +11,6 @@ import dataclasses
 import functools
 import math
 import os
-import shutil
 import signal
 import socket
 import threading
@@ -24,7 +23,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from mcl_jax import augment, checkpointing, cli, config_validation, device_crops, logs
-from mcl_jax import memory, montage, objective
+from mcl_jax import memory, montage, objective, paths
 from mcl_jax import model as model_lib
 from mcl_jax import state as state_lib
 from mcl_jax import visualize
@@ -228,9 +227,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
   """
   config_validation.validate(config, jax.device_count(), jax.process_count())
   _check_data(config)
-  checkpointing.check_compatible(workdir, config)
-  created = not os.path.exists(workdir)
+  paths.check_supported(workdir)
+  created = not paths.exists(workdir)
   checkpointing.check_workdir(workdir)
+  checkpointing.check_compatible(workdir, config)
   try:
     _open_log_file(workdir)
     num_steps = state_lib.total_steps(config)
@@ -282,17 +282,22 @@ def _check_data(config):
 def _open_log_file(workdir: str):
   """WORKDIR/train.log (train.<process>.log beyond process 0), if the CLI logs."""
   name = LOG_FILE if jax.process_index() == 0 else f'train.{jax.process_index()}.log'
-  cli.log_to_file(os.path.join(workdir, name))
+  if jax.process_index() == 0:
+    paths.remove_leftover_parts(workdir)  # of appends cut short by a kill (gs://)
+  cli.log_to_file(paths.join(workdir, name))
 
 
 def _remove_unstarted(workdir: str):
   """Removes a workdir this run created, if nothing of a step was written to it."""
-  metrics = os.path.join(workdir, logs.METRICS_FILE)
+  metrics = paths.join(workdir, logs.METRICS_FILE)
   if (jax.process_index() != 0 or checkpointing.latest_steps(workdir)
-      or (os.path.exists(metrics) and os.path.getsize(metrics) > 0)):
+      or (paths.exists(metrics) and paths.getsize(metrics) > 0)):
     return
   cli.close_log_file()
-  shutil.rmtree(workdir, ignore_errors=True)
+  try:
+    paths.rmtree(workdir)
+  except OSError:
+    pass
 
 
 @dataclasses.dataclass(frozen=True)
@@ -319,7 +324,7 @@ def _restore_or_init(run: _Run, manager):
     logging.info('==> Starting a new run: %d steps of %d images, a checkpoint every %d '
                  'steps.', run.num_steps, config.optim.global_batch, config.checkpoint_every)
   else:
-    if not os.path.exists(os.path.join(workdir, checkpointing.CONFIG_FILE)):
+    if not paths.exists(paths.join(workdir, checkpointing.CONFIG_FILE)):
       checkpointing.save_config(workdir, config)
     if start >= run.num_steps:
       logging.info('==> Already finished at step %d (of %d): nothing to train.', start,
@@ -356,7 +361,7 @@ def _run(run: _Run, manager, stop: _StopSignal) -> dict:
       images = device_crops.step_images(batch, config.data.crop_on)
       if step == start == 0 and config.montage_png:
         visualize.write_montage_png(config, device_crops.crops_of(images, config.data),
-                                    os.path.join(run.workdir, 'montage.png'))
+                                    paths.join(run.workdir, 'montage.png'))
       if step == start:
         # The first call compiles. XLA's "Very slow compile?" alarm, printed
         # from C++ on a busy CPU, goes to the log file, not the console.
@@ -375,13 +380,18 @@ def _run(run: _Run, manager, stop: _StopSignal) -> dict:
       stopped = stop.should_stop(step)
       if stopped or done % config.checkpoint_every == 0 or done == num_steps:
         # The state of step `done` is saved only after its metrics passed
-        # _check_finite: a non-finite state is never checkpointed.
+        # _check_finite: a non-finite state is never checkpointed; and only
+        # once its metrics line is durable (gs:// uploads logs in batches).
         last = _finish_step(*pending, writer, config, last_saved)
         pending = None
+        writer.flush()
         checkpointing.save(manager, done, state, force=True)
         logging.info('checkpoint of step %d -> %s', done,
-                     os.path.join(checkpointing.checkpoint_dir(run.workdir), str(done)))
+                     paths.join(checkpointing.checkpoint_dir(run.workdir), str(done)))
+        cli.flush_log_file()
         last_saved = done
+      else:
+        cli.flush_log_file(force=False)
       if stopped:
         logging.info('Stopped after step %d (%s); checkpoint saved. Rerun the same '
                      'command to resume.', done, stop.received or 'preemption notice')
@@ -400,7 +410,7 @@ def _log_where(workdir: str):
   """The start-up line: where the checkpoints, the log and TensorBoard's scalars go."""
   log = cli.log_file()
   logging.info('workdir: %s (checkpoints/, metrics.jsonl%s; TensorBoard: tensorboard '
-               '--logdir %s)', workdir, f', log file {os.path.basename(log)}' if log else '',
+               '--logdir %s)', workdir, f', log file {paths.basename(log)}' if log else '',
                workdir)
 
 

@@ -7,16 +7,18 @@ run). As a tool:
 
     python -m mcl_jax.visualize --config=configs/demo.py --out=crops.png \
         [--montage_out=montage.png]
+
+(--out and --montage_out may be gs:// paths.)
 """
 
-import os
+import io
 
 from absl import flags, logging
 import jax
 from ml_collections import config_flags
 import numpy as np
 
-from mcl_jax import augment, cli, device_crops, montage, objective
+from mcl_jax import augment, cli, device_crops, montage, objective, paths
 
 
 def grid_image(crops_float01, gap: int = 2, view_gap: int = 8) -> np.ndarray:
@@ -45,10 +47,18 @@ def grid_image(crops_float01, gap: int = 2, view_gap: int = 8) -> np.ndarray:
   return canvas
 
 
-def _save_png(img_uint8: np.ndarray, path: str):
+def png_bytes(img_uint8: np.ndarray) -> bytes:
+  """The PNG file of a uint8 [H, W, 3] (or [H, W]) image."""
   from PIL import Image  # pylint: disable=import-outside-toplevel
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  Image.fromarray(img_uint8).save(path, 'PNG')
+  buf = io.BytesIO()
+  Image.fromarray(img_uint8).save(buf, 'PNG')
+  return buf.getvalue()
+
+
+def _save_png(img_uint8: np.ndarray, path: str):
+  """Writes a PNG to a local or gs:// path (parents created), in one piece."""
+  paths.makedirs(paths.dirname(paths.abspath(path)))
+  paths.write_atomic(path, png_bytes(img_uint8))
 
 
 def crops_grid_png(crops_float01, path: str, **kwargs) -> None:
