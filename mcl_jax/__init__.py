@@ -1,0 +1,11 @@
+"""mcl_jax: MCL (Multi-Level Contrastive Learning for Dense Prediction Task) in JAX.
+
+The subpackages are layers; each imports only those before it in this list:
+`nn` (the network), `data` (stored images to augmented crops), `pretext`
+(montages and the multi-level loss), `eval` (probes, export, pictures of a
+set of variables), `training` (state, step, the loop, checkpoints).
+`cli`, `config_validation` and `paths` are leaves any layer may use. The
+top-level `evaluate`, `dense_eval`, `export` and `visualize` are the
+command lines (`python -m mcl_jax.X`); `main.py` is the training one.
+The method as implemented is docs/METHOD.md.
+"""

@@ -12,7 +12,7 @@ from absl import logging
 import jax
 import numpy as np
 
-from mcl_jax import checkpointing
+from mcl_jax import paths
 
 METRICS_FILE = 'metrics.jsonl'
 
@@ -94,7 +94,7 @@ def truncate_metrics(workdir: str, step: int) -> int:
       pass
   dropped = len(lines) - len(keep)
   if dropped:
-    checkpointing.write_atomic(path, ''.join(l + '\n' for l in keep))
+    paths.write_atomic(path, ''.join(l + '\n' for l in keep))
     logging.info('%s: dropped %d line(s) after step %d (they are logged again).',
                  path, dropped, step)
   return dropped

@@ -10,7 +10,7 @@ Layout of a workdir:
                        a checkpoint that failed to restore while an older
                        one restored: moved aside so that Orbax neither
                        restores it nor counts it against keep_checkpoints
-  metrics.jsonl, events.* (TensorBoard), montage.png (logs.py, visualize.py)
+  metrics.jsonl, events.* (TensorBoard), montage.png (logs.py, eval/visualize.py)
 
 Resuming restores the newest readable checkpoint. A checkpoint whose arrays
 do not match the current model's shapes is refused (CheckpointError), never
@@ -20,14 +20,15 @@ treated as corrupt and never silently restored.
 import json
 import os
 import tempfile
-import uuid
 
 from absl import logging
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
-from mcl_jax import state as state_lib
+from mcl_jax import paths
+from mcl_jax.training import state as state_lib
+from mcl_jax.training import optim
 
 CONFIG_FILE = 'config.json'
 
@@ -64,26 +65,11 @@ def check_workdir(workdir: str):
         'choose another --workdir or fix its permissions') from e
 
 
-def write_atomic(path: str, text: str):
-  """Writes `text` to `path` through a temporary file and a rename."""
-  tmp = f'{path}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp'
-  try:
-    with open(tmp, 'x') as f:
-      f.write(text)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
-
-
 def save_config(workdir: str, config):
   """Writes config.json (process 0), atomically: a kill never leaves half of it."""
   if jax.process_index() == 0:
-    write_atomic(os.path.join(workdir, CONFIG_FILE),
-                  config.to_json_best_effort(indent=2, sort_keys=True))
+    paths.write_atomic(os.path.join(workdir, CONFIG_FILE),
+                       config.to_json_best_effort(indent=2, sort_keys=True))
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
@@ -335,7 +321,7 @@ def load_variables(workdir: str, step: int | None = None, which: str = 'online')
   # Tools need the state's shapes only, which the schedule's length does not
   # change: the optimizer is built for a short run, one step past the warm-up
   # (a shorter one would make optax build a zero-length warm-up and say so).
-  tx = state_lib.create_optimizer(config, int(config.optim.warmup_steps) + 2)
+  tx = optim.create_optimizer(config, int(config.optim.warmup_steps) + 2)
   abstract = state_lib.abstract_train_state(config, tx)
   manager = make_manager(workdir, config.keep_checkpoints, async_save=False, create=False)
   try:
