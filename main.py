@@ -1,8 +1,9 @@
 """Pretrains MCL: python main.py --config=configs/mcl_100ep.py --workdir=DIR.
 
 Without --config it runs the CPU demo (configs/demo.py). Rerunning the same
-command resumes from the newest checkpoint in the workdir. All logic lives in
-mcl_jax.train; this file only parses flags and sets up the process.
+command resumes from the newest checkpoint in the workdir. This file parses
+flags and sets up the process; everything else, from checking the config to
+the final evaluation, is `mcl_jax.training.loop.train_and_evaluate`.
 
 Multi-process (README, "Multi-host launches"): run the same command on every
 host (or once per GPU) with --distributed. On Cloud TPU VMs, SLURM, Open MPI
@@ -16,13 +17,12 @@ messages and tracebacks on the console too.
 
 Exit status: 0 when the run finished or stopped on SIGTERM / SIGINT after
 saving a checkpoint; 2 with a one-line message for a wrong command line or an
-impossible config (found before JAX starts); 1 with a one-line message for
-an unusable workdir, missing data or a non-finite loss; 130 after a second
-Ctrl-C.
+impossible config (found before anything is compiled); 1 with a one-line
+message for an unusable workdir, missing data or a non-finite loss; 130 after
+a second Ctrl-C.
 """
 
 import os
-import sys
 
 from absl import flags
 from ml_collections import config_flags
@@ -56,7 +56,7 @@ def _config_description(argv) -> str:
 
 
 def main(argv) -> int:
-  """Checks the command line and config, starts JAX, trains. Returns the exit status."""
+  """Starts JAX (and the other processes), then trains. Returns the exit status."""
   cli.parse_absl_flags(argv, __doc__)
   cli.use_project_verbosity()
   f = flags.FLAGS
@@ -64,42 +64,25 @@ def main(argv) -> int:
                             f.process_id is not None or f.local_device_ids):
     raise cli.UsageError('--coordinator_address / --num_processes / --process_id / '
                          '--local_device_ids need --distributed')
-  config = f.config
-  # Every rule that does not depend on the device count, before JAX starts.
-  from mcl_jax import config_validation  # pylint: disable=import-outside-toplevel
-  config_validation.validate(config, 1, 1)
   workdir = f.workdir or os.path.join('runs', os.path.splitext(os.path.basename(
       config_flags.get_config_filename(f['config'])))[0])
-  if config.data.source != 'tfds':
-    # A missing or empty image folder fails now, before TensorFlow and JAX
-    # start; train_and_evaluate asks again (the folder scan is cached), and
-    # checks tfds data, which needs TensorFlow, before any set-up.
-    from mcl_jax import input_pipeline  # pylint: disable=import-outside-toplevel
-    try:
-      input_pipeline.num_train_examples(config.data)
-    except input_pipeline.DatasetNotFoundError:
-      raise
-    except ValueError as e:  # an unknown data.source
-      raise config_validation.ConfigError(str(e)) from e
-  # Keep TensorFlow (tf.data only) off the accelerators before anything imports it.
+  # TensorFlow (tf.data only) is kept off the accelerators before JAX takes them.
   from mcl_jax.data import lazy_tf  # pylint: disable=import-outside-toplevel
   with cli.native_stderr_to_log('tensorflow'):
-    tf = lazy_tf.tf()
-  if tf.config.list_physical_devices('TPU'):
-    tf.config.set_visible_devices([], 'TPU')
+    lazy_tf.tf()
   import jax  # pylint: disable=import-outside-toplevel
   if f.distributed:
     jax.distributed.initialize(
         coordinator_address=f.coordinator_address, num_processes=f.num_processes,
         process_id=f.process_id,
         local_device_ids=[int(i) for i in f.local_device_ids] if f.local_device_ids else None)
-  from mcl_jax import train  # pylint: disable=import-outside-toplevel
   from absl import logging  # pylint: disable=import-outside-toplevel
+  from mcl_jax.training import loop  # pylint: disable=import-outside-toplevel
   logging.info('config: %s', _config_description(argv))
   devices = jax.devices()
   logging.info('devices: %d x %s (%s), process %d of %d', len(devices), devices[0].platform,
                devices[0].device_kind, jax.process_index(), jax.process_count())
-  train.train_and_evaluate(config, workdir)
+  loop.train_and_evaluate(f.config, workdir)
   return 0
 
 

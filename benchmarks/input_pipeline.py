@@ -40,8 +40,8 @@ import numpy as np
 from PIL import Image
 
 from configs.mcl_100ep import get_config
-from mcl_jax import augment, device_crops
-from mcl_jax import input_pipeline
+from mcl_jax.data import augment, device_crops
+from mcl_jax.data import input_pipeline
 from mcl_jax.data import stream
 from mcl_jax.data.lazy_tf import tf as _tf
 from mcl_jax.data.spec import DataSpec
@@ -105,9 +105,8 @@ def pipelines(data_cfg, root: str, batch: int) -> dict:
   out = {'decode only': decode_only_batches(root, batch, DataSpec.from_config(cfg))}
   for crop_on, name in (('host', 'host path'), ('device', 'device path, host side')):
     cfg.crop_on = crop_on
-    out[name] = input_pipeline.create_train_iterator(
-        cfg.copy_and_resolve_references(), global_batch=batch, seed=0,
-        process_index=0, process_count=1)
+    out[name] = input_pipeline.open_source(cfg.copy_and_resolve_references()).train_iterator(
+        global_batch=batch, seed=0, process_index=0, process_count=1)
   return out
 
 

@@ -9,7 +9,7 @@ backward of both views, target forward, the loss; no optimizer):
   (temp = what the step needs beyond its arguments and outputs), for each
   --remat and --accumulate setting; compile only, nothing is allocated.
 * PyTorch: the peak-RSS growth of a fresh process over one forward +
-  backward of tests/torch_reference.py's model (`step`), after the model
+  backward of mcl_jax/testing/torch_reference.py's model (`step`), after the model
   and the crops exist.
 
 Prints a table and writes --json.
@@ -41,7 +41,8 @@ def jax_side(size: int, batch: int, dtype: str, remat: str, accumulate: str) -> 
   """Compiled memory of the loss + gradient (one CPU device)."""
   import jax
   import jax.numpy as jnp
-  from mcl_jax import model as model_lib, montage, objective
+  from mcl_jax.nn import model as model_lib
+  from mcl_jax.pretext import montage, objective
   c = _config(size, batch, dtype)
   c.model.remat, c.optim.accumulate = remat, accumulate
   net, layout = model_lib.create_model(c), montage.layout_for(c)
@@ -76,8 +77,8 @@ def torch_side(size: int, batch: int, threads: int) -> dict:
   """Peak-RSS growth over one forward + backward (run in a fresh process)."""
   import numpy as np
   import torch
-  from mcl_jax import montage
-  from tests import torch_reference as tr
+  from mcl_jax.pretext import montage
+  from mcl_jax.testing import torch_reference as tr
   torch.set_num_threads(threads)
   c = _config(size, batch)
   model = tr.MCLTorch.from_config(c)

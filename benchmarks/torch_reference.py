@@ -5,7 +5,7 @@ for identical work (montage assembly, online forward + backward of both
 views, target forward of both views, the loss; no optimizer), float32 on the
 CPU, measured as paired alternating runs in one process with
 `torch.set_num_threads` equal to the cores JAX uses. The PyTorch side is
-tests/torch_reference.py, the oracle of tests/test_torch_reference.py.
+mcl_jax/testing/torch_reference.py, the oracle of tests/test_torch_reference.py.
 """
 
 import argparse
@@ -17,7 +17,7 @@ import time
 import numpy as np
 import torch
 
-from tests import torch_reference as tr  # run from the repository root (python -m)
+from mcl_jax.testing import torch_reference as tr
 
 
 # ------------------------------------------------------------ speed ratio --
@@ -44,10 +44,11 @@ def speed_ratio(name: str, pairs: int, warmup: int, neck_regions: str | None = N
   """Paired alternating JAX / PyTorch timings of the same step on the CPU."""
   import jax
   import jax.numpy as jnp
-  from mcl_jax import model as model_lib
-  from mcl_jax import resnet
-  from mcl_jax import montage, objective
-  from mcl_jax import state as state_lib
+  from mcl_jax.nn import model as model_lib
+  from mcl_jax.nn import resnet
+  from mcl_jax.pretext import montage, objective
+  from mcl_jax.training import state as state_lib
+  from mcl_jax.training import optim
 
   config = _config(name)
   if neck_regions:
@@ -55,7 +56,7 @@ def speed_ratio(name: str, pairs: int, warmup: int, neck_regions: str | None = N
   layout = montage.layout_for(config)
   net = model_lib.create_model(config)
   b, s = config.optim.global_batch, config.data.image_size
-  tx = state_lib.create_optimizer(config, 1)
+  tx = optim.create_optimizer(config, 1)
   state = jax.jit(lambda k: state_lib.create_train_state(config, k, tx))(jax.random.key(seed))
   rng = np.random.default_rng(seed)
   crops = rng.standard_normal((b, 8, s, s, 3)).astype(np.float32)

@@ -58,5 +58,5 @@ def get_config():
   c.log_every = 25
   c.checkpoint_every = 100
   c.eval_knn_at_end = True
-  c.eval_dense_at_end = True  # mcl_jax.dense_eval on digit scenes (docs/DENSE.md)
+  c.eval_dense_at_end = True  # mcl_jax.eval.dense_eval on digit scenes (docs/DENSE.md)
   return c

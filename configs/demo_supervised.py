@@ -1,4 +1,4 @@
-"""CPU demo of supervised MCL (spec section 7) on scikit-learn's digits.
+"""CPU demo of supervised MCL (docs/METHOD.md section 7) on scikit-learn's digits.
 
 Run:  python main.py --config=configs/demo_supervised.py --workdir=runs/demo_sup
 

@@ -20,10 +20,10 @@ import ml_collections
 
 
 def get_config():
-  """Returns the reference configuration (MCL_SPEC.md defaults)."""
+  """Returns the reference configuration (docs/METHOD.md)."""
   c = ml_collections.ConfigDict()
   c.seed = 0
-  c.objective = 'self_supervised'  # or 'supervised' (spec section 7)
+  c.objective = 'self_supervised'  # or 'supervised' (docs/METHOD.md section 7)
 
   # ---- data (host side: decode + random-resized crop, uint8) --------------
   c.data = ml_collections.ConfigDict()

@@ -1,4 +1,4 @@
-"""Supervised MCL: the montage pretext trained with ImageNet-1k labels (spec section 7).
+"""Supervised MCL: the montage pretext trained with ImageNet-1k labels (docs/METHOD.md section 7).
 
 Run:  python main.py --config=configs/mcl_supervised_100ep.py --workdir=runs/mcl_sup
 

@@ -64,7 +64,8 @@ class MissingDependencyError(RuntimeError):
 # `python -m` define theirs in __main__.
 USAGE_ERRORS = frozenset({'UsageError', 'ConfigError', 'ArgumentError'})
 RUNTIME_ERRORS = frozenset({'CheckpointError', 'DatasetNotFoundError', 'NonFiniteError',
-                            'ExportError', 'MissingDependencyError'})
+                            'ExportError', 'MissingDependencyError', 'DenseEvalError',
+                            'SegmentationDataError'})
 
 
 def require(module: str, what_for: str, install: str):
@@ -182,6 +183,12 @@ class ArgumentParser(argparse.ArgumentParser):
     super().__init__(*args, **kwargs)
     self.add_argument('--verbose', action='store_true',
                       help=f'show library logs and tracebacks (or set {VERBOSE_ENV}=1)')
+
+  def add_flag(self, name: str, **kwargs):
+    """--name, spelt with underscores as every tool's flags are; --name-with-dashes works too."""
+    dashed = name.replace('_', '-')
+    names = [f'--{name}'] + ([f'--{dashed}'] if dashed != name else [])
+    return self.add_argument(*names, dest=name, **kwargs)
 
   def error(self, message):
     raise UsageError(f'{one_line(message)} (see {self.prog} --help)')
@@ -337,6 +344,16 @@ def setup_logging(verbose: bool = False):
   _State.buffer.setLevel(logging.INFO)
   use_project_verbosity()
   logging.captureWarnings(True)
+
+
+def reset_logging():
+  """Undoes `setup_logging` (for a process that runs several commands in turn, as tests do)."""
+  close_log_file()
+  root = logging.getLogger()
+  for h in _State.handlers:
+    root.removeHandler(h)
+  _State.handlers, _State.buffer = [], None
+  logging.captureWarnings(False)
 
 
 def use_project_verbosity():

@@ -1,8 +1,10 @@
 """Checks a config before anything is compiled; every error names field, value and rule.
 
-`validate` is the first thing `train.train_and_evaluate` does: an impossible
-setting fails in milliseconds with `config.<field>=<value>: <rule>` instead of
-minutes into compilation or deep inside XLA.
+`validate` is the first thing `mcl_jax.training.loop.train_and_evaluate`
+does, with the real device and process counts, and the only place a run's
+config is checked: an impossible setting fails at once with
+`config.<field>=<value>: <rule>` instead of minutes into compilation or deep
+inside XLA.
 """
 
 import math

@@ -27,7 +27,6 @@ import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
 
 CONFIGS = {'mcl': 'configs/demo.py', 'level0': 'configs/demo_level0.py',
            'supervised': 'configs/demo_supervised.py'}
@@ -42,7 +41,7 @@ def workdir(root: str, model: str, seed: int) -> str:
 
 def finished_step(path: str) -> int | None:
   """The run's last step if its checkpoint of config.optim.num_steps exists, else None."""
-  from mcl_jax import checkpointing  # pylint: disable=import-outside-toplevel
+  from mcl_jax.training import checkpointing  # pylint: disable=import-outside-toplevel
   steps = checkpointing.latest_steps(path)
   if not steps or not os.path.exists(os.path.join(path, checkpointing.CONFIG_FILE)):
     return None
@@ -77,7 +76,8 @@ def pretrain(root: str, seeds, steps: int | None, overrides=()):
 def probe(root: str, seeds, models=MODELS, features=FEATURES):
   """Dense probe of every (model, seed, features); results appended to results.json."""
   from configs import demo  # pylint: disable=import-outside-toplevel
-  from mcl_jax import checkpointing, dense_eval  # pylint: disable=import-outside-toplevel
+  from mcl_jax.training import checkpointing  # pylint: disable=import-outside-toplevel
+  from mcl_jax.eval import dense_eval
   path = os.path.join(root, 'results.json')
   results = json.load(open(path)) if os.path.exists(path) else []
   done = {(r['model'], r['seed'], r['features']) for r in results}
@@ -90,7 +90,7 @@ def probe(root: str, seeds, models=MODELS, features=FEATURES):
         continue
       if model == 'random':
         config = base_config
-        variables = dense_eval.random_variables(dense_eval.create_model(config), seed)
+        variables = dense_eval.random_variables(dense_eval.create_model(config), seed=seed)
         step = 0
       else:
         wd = workdir(root, model, seed)

@@ -1,1 +1,1 @@
-"""Tests, and the oracles they share (torch_reference, subprocess_runs)."""
+"""Tests, and the helpers they share (subprocess_runs, imagenet_archives)."""

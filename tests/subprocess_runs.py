@@ -191,13 +191,14 @@ def checkpoint_entries(workdir: str) -> list[str]:
 def load_state(workdir: str, step: int | None = None):
   """The TrainState of a checkpoint as host numpy arrays (restored in this process)."""
   import jax  # pylint: disable=g-import-not-at-top
-  from mcl_jax import checkpointing  # pylint: disable=g-import-not-at-top
-  from mcl_jax import state as state_lib  # pylint: disable=g-import-not-at-top
+  from mcl_jax.training import checkpointing  # pylint: disable=g-import-not-at-top
+  from mcl_jax.training import state as state_lib  # pylint: disable=g-import-not-at-top
+  from mcl_jax.training import optim  # pylint: disable=g-import-not-at-top
   config = checkpointing.load_config(workdir)
   manager = checkpointing.make_manager(workdir, config.keep_checkpoints, async_save=False)
   try:
     state, got = checkpointing.restore_latest(manager, state_lib.abstract_train_state(
-        config, state_lib.create_optimizer(config, 1)),
+        config, optim.create_optimizer(config, 1)),
                                               step, quarantine_corrupt=False)
   finally:
     manager.close()

@@ -1,4 +1,4 @@
-"""Tests of mcl_jax.augment against NumPy / colorsys references."""
+"""Tests of mcl_jax.data.augment against NumPy / colorsys references."""
 
 import colorsys
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from configs.mcl_100ep import get_config
-from mcl_jax import augment
+from mcl_jax.data import augment
 
 LUMA = np.asarray(augment.LUMA_WEIGHTS, np.float32)
 
@@ -55,7 +55,7 @@ def _np_blur(img, sigma, k):
 
 
 def _np_pipeline(img_u8, d, cfg, k):
-  """Reference of one crop: spec steps 2-7 with the given decisions."""
+  """Reference of one crop: docs/METHOD.md section 1, steps 2-7, with the given decisions."""
   x = img_u8.astype(np.float64) / 255.0
   if d['flip']:
     x = x[:, ::-1]

@@ -219,7 +219,7 @@ def test_rerun_of_a_finished_run_says_so(tmp_path):
 def test_a_failed_start_removes_only_the_workdir_it_created(existed, tmp_path, monkeypatch):
   """A failure after the workdir is made, before any step: a new workdir goes away."""
   from configs import test_tiny  # pylint: disable=import-outside-toplevel
-  from mcl_jax import train  # pylint: disable=import-outside-toplevel
+  from mcl_jax.training import loop  # pylint: disable=import-outside-toplevel
   config = test_tiny.get_config()
   config.optim.global_batch = 64  # 8 simulated devices x groups of 8
   workdir = tmp_path / 'w'
@@ -232,8 +232,8 @@ def test_a_failed_start_removes_only_the_workdir_it_created(existed, tmp_path, m
     assert os.path.isdir(os.path.join(run.workdir, 'checkpoints'))
     raise MemoryError('out of memory while compiling')
 
-  monkeypatch.setattr(train, '_run', fail)
+  monkeypatch.setattr(loop, '_run', fail)
   with pytest.raises(MemoryError):
-    train.train_and_evaluate(config, str(workdir))
+    loop.train_and_evaluate(config, str(workdir))
   assert (sorted(os.listdir(workdir)) == ['checkpoints', 'notes.txt'] if existed
           else not workdir.exists())

@@ -1,4 +1,4 @@
-"""Dense probe (mcl_jax.dense_eval) and its data (mcl_jax.segmentation_data)."""
+"""Dense probe (mcl_jax.eval.dense_eval) and its data (mcl_jax.data.segmentation)."""
 
 import os
 
@@ -8,7 +8,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mcl_jax import dense_eval, segmentation_data as sd
+from mcl_jax import cli
+from mcl_jax import dense_eval as dense_eval_cmd
+from mcl_jax.eval import dense_eval
+from mcl_jax.data import segmentation as sd
 
 
 # ------------------------------------------------------------- digit scenes --
@@ -26,7 +29,7 @@ def test_resize_matrices_match_jax_image_resize():
 
 @pytest.fixture(scope='module')
 def digits():
-  from mcl_jax import input_pipeline  # pylint: disable=import-outside-toplevel
+  from mcl_jax.data import input_pipeline  # pylint: disable=import-outside-toplevel
   return input_pipeline.digits_arrays(0.2)
 
 
@@ -254,11 +257,12 @@ def tiny_workdir(tmp_path_factory):
   probe's CLI only needs a checkpoint that load_variables restores.
   """
   from configs import test_tiny  # pylint: disable=import-outside-toplevel
-  from mcl_jax import checkpointing, state as state_lib  # pylint: disable=import-outside-toplevel
+  from mcl_jax.training import checkpointing, state as state_lib  # pylint: disable=import-outside-toplevel
+  from mcl_jax.training import optim  # pylint: disable=g-import-not-at-top
   config = test_tiny.get_config()
   workdir = str(tmp_path_factory.mktemp('dense') / 'run')
   checkpointing.check_workdir(workdir)
-  tx = state_lib.create_optimizer(config, config.optim.num_steps)
+  tx = optim.create_optimizer(config, config.optim.num_steps)
   state = _random_fill(jax.eval_shape(lambda k: state_lib.create_train_state(config, k, tx),
                                       jax.random.key(0)), 0)
   state = state.replace(step=np.asarray(2, np.int32))
@@ -276,10 +280,21 @@ def short_probe(monkeypatch):
   monkeypatch.setattr(dense_eval, 'PROBE_STEPS', 50)
 
 
+def _run_cli(argv):
+  """`python -m mcl_jax.dense_eval ARGV` in this process: (exit status, stderr via capsys)."""
+  try:
+    cli.run(dense_eval_cmd._cli_main, 'python -m mcl_jax.dense_eval',  # pylint: disable=protected-access
+            ['python -m mcl_jax.dense_eval', *argv])
+  except SystemExit as e:
+    return e.code
+  finally:
+    cli.reset_logging()
+
+
 def test_cli_end_to_end(tiny_workdir, tmp_path, capsys, short_probe):
   png = str(tmp_path / 'scenes.png')
-  result = dense_eval.main(['--workdir', tiny_workdir, '--num-train', '16', '--num-test', '8',
-                            '--png', png])
+  result = dense_eval_cmd.main(['--workdir', tiny_workdir, '--num_train', '16',
+                                '--num_test', '8', '--png', png])
   out = capsys.readouterr().out
   assert 'random init' in out and 'online step 2' in out and 'mIoU S' in out
   for key in ('miou', 'pixel_acc', 'miou_small', 'miou_medium', 'miou_large'):
@@ -292,31 +307,28 @@ def test_cli_end_to_end(tiny_workdir, tmp_path, capsys, short_probe):
 
 def test_cli_c5_features_on_voc(tiny_workdir, tmp_path, capsys, short_probe):
   make_voc(str(tmp_path / 'voc'))
-  result = dense_eval.main(['--workdir', tiny_workdir, '--dataset', 'voc', '--voc_root',
-                            str(tmp_path / 'voc'), '--image-size', '32', '--features', 'C5',
-                            '--png', 'none'])
+  # The dashed spellings of the flags still work.
+  result = dense_eval_cmd.main(['--workdir', tiny_workdir, '--dataset', 'voc', '--voc-root',
+                                str(tmp_path / 'voc'), '--image-size', '32', '--features',
+                                'C5', '--png', 'none'])
   assert 'C5 features' in capsys.readouterr().out and 'png' not in result
   assert result['num_train'] == 3 and result['num_test'] == 2
 
 
 @pytest.mark.parametrize('argv, code, message', [
-    (['--dataset', 'voc'], 2, '--dataset voc needs --voc-root'),
-    (['--image-size', '40'], 2, 'must be a positive multiple of 32'),
+    (['--dataset', 'voc'], 2, 'error: --dataset voc needs --voc_root'),
+    (['--image_size', '40'], 2, 'must be a positive multiple of 32'),
     (['--features', 'P6'], 2, "invalid choice: 'P6'"),
-    (['--dataset', 'voc', '--voc-root', '/nonexistent/voc'], 1,
-     "error: SegmentationDataError: VOC root '/nonexistent/voc' is not a directory"),
+    (['--dataset', 'voc', '--voc_root', '/nonexistent/voc'], 1,
+     "error: VOC root '/nonexistent/voc' is not a directory"),
 ])
 def test_cli_errors_are_one_line(tiny_workdir, capsys, argv, code, message):
-  with pytest.raises(SystemExit) as exit_:
-    dense_eval.main(['--workdir', tiny_workdir, *argv])
-  assert exit_.value.code == code
+  assert _run_cli(['--workdir', tiny_workdir, *argv]) == code
   err = capsys.readouterr().err
   assert message in err and err.count('\n') == 1 and 'Traceback' not in err
 
 
 def test_cli_missing_workdir_is_one_line(tmp_path, capsys):
-  with pytest.raises(SystemExit) as exit_:
-    dense_eval.main(['--workdir', str(tmp_path / 'nothing')])
-  assert exit_.value.code == 1
+  assert _run_cli(['--workdir', str(tmp_path / 'nothing')]) == 1
   err = capsys.readouterr().err
-  assert 'CheckpointError' in err and 'does not exist' in err and err.count('\n') == 1
+  assert 'error: workdir' in err and 'does not exist' in err and err.count('\n') == 1

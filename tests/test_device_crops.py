@@ -9,7 +9,8 @@ import pytest
 import tensorflow as tf
 
 from configs.mcl_100ep import get_config
-from mcl_jax import config_validation, device_crops
+from mcl_jax import config_validation
+from mcl_jax.data import device_crops
 from mcl_jax.data import decode
 from mcl_jax.data.spec import DataSpec
 

@@ -1,7 +1,4 @@
-"""kNN / linear probe / feature extraction of mcl_jax.evaluate."""
-
-import sys
-import types
+"""kNN / linear probe / feature extraction of mcl_jax.eval.evaluate."""
 
 import jax
 import jax.numpy as jnp
@@ -9,9 +6,11 @@ import ml_collections
 import numpy as np
 import pytest
 
-import mcl_jax
-from mcl_jax import evaluate, input_pipeline, model as model_lib
-from mcl_jax.model import MCLNet
+from mcl_jax import evaluate as evaluate_cmd
+from mcl_jax.eval import evaluate
+from mcl_jax.data import input_pipeline
+from mcl_jax.nn import model as model_lib
+from mcl_jax.nn.model import MCLNet
 
 
 def knn_reference(train_f, train_y, test_f, k, t):
@@ -144,31 +143,26 @@ def test_missing_backbone_is_a_clear_error(tiny):
 
 
 def test_cli_with_patched_loaders(tiny, monkeypatch, capsys):
-  """The CLI wiring: checkpointing.load_variables + input_pipeline.load_eval_arrays."""
-  checkpointing = pytest.importorskip('mcl_jax.checkpointing')
+  """The command's wiring: checkpointing.load_variables + DataSource.eval_arrays."""
+  checkpointing = pytest.importorskip('mcl_jax.training.checkpointing')
   config, _, variables = tiny
   rng = np.random.default_rng(5)
   arrays = {'train': synthetic_images(rng, 24), 'heldout': synthetic_images(rng, 8)}
   seen = []
 
-  def load_eval_arrays(data_cfg, split, max_examples=None):
-    seen.append((data_cfg.source, split, max_examples))
+  def eval_arrays(self, split, max_examples=None):
+    seen.append((self.spec.source, split, max_examples))
     x, y = arrays[split]
     return x[:max_examples], y[:max_examples]
 
-  fake = types.ModuleType('mcl_jax.input_pipeline')
-  fake.load_eval_arrays = load_eval_arrays
   # The source still names its splits: only the arrays are faked.
-  fake.eval_splits = input_pipeline.eval_splits
-  fake.has_heldout_split = input_pipeline.has_heldout_split
-  monkeypatch.setitem(sys.modules, 'mcl_jax.input_pipeline', fake)
-  monkeypatch.setattr(mcl_jax, 'input_pipeline', fake, raising=False)
+  monkeypatch.setattr(input_pipeline.DataSource, 'eval_arrays', eval_arrays)
   cfg = ml_collections.ConfigDict(config.to_dict())
   cfg.data.source = 'tfds'
   monkeypatch.setattr(checkpointing, 'load_variables', lambda w, step=None, which='online': (cfg, variables))
   monkeypatch.setattr(checkpointing, 'latest_steps', lambda w: [7])
-  result = evaluate.main(['--workdir', 'W', '--dataset', 'digits', '--max-train', '20',
-                          '--batch-size', '8'])
+  result = evaluate_cmd.main(['--workdir', 'W', '--dataset', 'digits', '--max-train', '20',
+                              '--batch-size', '8'])
   assert seen == [('digits', 'train', 20), ('digits', 'heldout', None)]
   assert result['num_train'] == 20 and result['num_test'] == 8
   out = capsys.readouterr().out

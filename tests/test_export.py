@@ -17,8 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn as tnn
 
-from mcl_jax import export, model as model_lib, montage
-from mcl_jax.model import MCLNet
+from mcl_jax.eval import export
+from mcl_jax.nn import model as model_lib
+from mcl_jax.pretext import montage
+from mcl_jax.nn.model import MCLNet
 
 NORM = ('weight', 'bias', 'running_mean', 'running_var')
 TOL = 1e-4
@@ -450,7 +452,7 @@ def test_missing_subtrees_are_clear_errors(tiny):
 
 
 def test_convert_script_calls_checkpointing(tiny, tmp_path, monkeypatch):
-  checkpointing = pytest.importorskip('mcl_jax.checkpointing')
+  checkpointing = pytest.importorskip('mcl_jax.training.checkpointing')
   block, model, variables = tiny
   script = export
   calls = []
@@ -491,8 +493,9 @@ def tiny_config():
 
 
 def test_convert_script_end_to_end_orbax(tmp_path):
-  """Real Orbax round trip through mcl_jax.checkpointing."""
-  from mcl_jax import checkpointing, state as state_lib  # pylint: disable=import-outside-toplevel
+  """Real Orbax round trip through mcl_jax.training.checkpointing."""
+  from mcl_jax.training import checkpointing, state as state_lib  # pylint: disable=import-outside-toplevel
+  from mcl_jax.training import optim  # pylint: disable=g-import-not-at-top
   config = tiny_config()
   workdir = str(tmp_path / 'run')
   checkpointing.check_workdir(workdir)
@@ -501,7 +504,7 @@ def test_convert_script_end_to_end_orbax(tmp_path):
   state = jax.tree.map(
       lambda s: (rng.normal(size=s.shape).astype(s.dtype)
                  if jnp.issubdtype(s.dtype, jnp.floating) else np.zeros(s.shape, s.dtype)),
-      state_lib.abstract_train_state(config, state_lib.create_optimizer(config, 1)))
+      state_lib.abstract_train_state(config, optim.create_optimizer(config, 1)))
   manager = checkpointing.make_manager(workdir, 1, async_save=False)
   checkpointing.save(manager, 5, state, force=True)
   manager.wait_until_finished()

@@ -32,7 +32,6 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 
 from mcl_jax import paths
@@ -194,11 +193,12 @@ def test_gs_chain_trains_as_an_uninterrupted_local_run(gs_run):
 def test_gs_tools(gs_run, tmp_path, capsys, monkeypatch):
   """evaluate, dense_eval and export read the gs:// workdir; export and visualize write gs://."""
   from mcl_jax import dense_eval, evaluate, export
+  from mcl_jax.eval import dense_eval as dense_probe
   workdir = gs_run['workdir']
   result = evaluate.main(['--workdir', workdir, '--dataset', 'digits', '--max-train', '64',
                           '--batch-size', '32'])
   assert 0.0 <= result['knn_top1'] <= 1.0 and 'online step 12' in capsys.readouterr().out
-  monkeypatch.setattr(dense_eval, 'PROBE_STEPS', 20)
+  monkeypatch.setattr(dense_probe, 'PROBE_STEPS', 20)
   result = dense_eval.main(['--workdir', workdir, '--num-train', '8', '--num-test', '4'])
   assert 0.0 <= result['miou'] <= 1.0
   assert paths.read_bytes(workdir + '/dense_probe.png')[:8] == b'\x89PNG\r\n\x1a\n'
@@ -285,15 +285,16 @@ def test_gs_workdir_errors_are_one_line_before_compiling(gcs, gs_bucket):
 def test_gs_no_credentials_is_one_line(monkeypatch):
   """Without credentials (and no emulator) the run stops before any request."""
   from configs import test_tiny
-  from mcl_jax import cli, train
+  from mcl_jax import cli
+  from mcl_jax.training import loop
   monkeypatch.delenv('STORAGE_EMULATOR_HOST')
   monkeypatch.setattr(paths, '_FS', None)
   monkeypatch.setattr(paths, '_fs', lambda: pytest.fail('a request was attempted'))
-  monkeypatch.setattr(train, 'make_train_step', lambda *a: pytest.fail('compiled'))
+  monkeypatch.setattr(loop, 'make_train_step', lambda *a: pytest.fail('compiled'))
   config = test_tiny.get_config()
   config.optim.global_batch = 64  # 8 in-process devices
   with pytest.raises(Exception) as e:
-    train.train_and_evaluate(config, 'gs://some-bucket/run')
+    loop.train_and_evaluate(config, 'gs://some-bucket/run')
   line, status = cli.describe(e.value)
   print(f'\nerror: {line}')
   assert status == 1 and line == (

@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mcl_jax.heads import GroupedBatchNorm, Predictor, RegionNeck
+from mcl_jax.nn.batch_norm import GroupedBatchNorm
+from mcl_jax.nn.heads import Predictor, RegionNeck
 
 TOL = 1e-5
 EPS, MOM = 1e-5, 0.9

@@ -1,4 +1,4 @@
-"""Tests of mcl_jax.input_pipeline: sources, sharding, determinism, errors."""
+"""Tests of mcl_jax.data.input_pipeline: sources, sharding, determinism, errors."""
 
 import dataclasses
 import io
@@ -11,8 +11,9 @@ import pytest
 import tensorflow_datasets as tfds
 
 from configs.mcl_100ep import get_config
-from mcl_jax import device_crops
-from mcl_jax import input_pipeline as ip
+from mcl_jax.data import device_crops, digits, folder
+from mcl_jax.data import tfds as tfds_source
+from mcl_jax.data import input_pipeline as ip
 
 # Tests of both crop paths (data.crop_on) run once per path.
 both_paths = pytest.mark.parametrize('crop_on', ['host', 'device'])
@@ -55,13 +56,13 @@ def _assert_batches_equal(a, b):
 def test_digits_shards_are_disjoint_and_cover():
   cfg = _data_cfg(source='digits')
   g = 240  # divisible by 1, 2 and 3 processes
-  spe = ip.steps_per_epoch(cfg, g)
-  n = ip.num_train_examples(cfg)
+  spe = ip.open_source(cfg).steps_per_epoch(g)
+  n = ip.open_source(cfg).num_examples
   assert spe == n // g and n == 1797 - round(0.2 * 1797)
-  _, _, splits = ip.digits_arrays(0.2)
+  _, _, splits = digits.digits_arrays(0.2)
 
   def batches(p, count, steps, start_step=0):
-    it = ip.create_train_iterator(cfg, global_batch=g, seed=1,
+    it = ip.open_source(cfg).train_iterator(global_batch=g, seed=1,
                                   start_step=start_step, process_index=p,
                                   process_count=count, include_index=True)
     assert it.local_batch == g // count and it.steps_per_epoch == spe
@@ -91,7 +92,7 @@ def test_digits_shards_are_disjoint_and_cover():
 @both_paths
 def test_digits_batch_format_and_eval_split(crop_on):
   cfg = _data_cfg(source='digits', image_size=16, num_crops=3, crop_on=crop_on)
-  batch = next(ip.create_train_iterator(cfg, global_batch=8, seed=0,
+  batch = next(ip.open_source(cfg).train_iterator(global_batch=8, seed=0,
                                         process_index=0, process_count=1))
   assert set(batch) == _image_keys(crop_on) | {'label'}
   if crop_on == 'device':
@@ -112,14 +113,14 @@ def test_digits_batch_format_and_eval_split(crop_on):
   assert crops.max() > 100  # real digit strokes, not zeros
   # Independent crops of the same image differ.
   assert not np.array_equal(crops[:, 0], crops[:, 1])
-  x, y = ip.load_eval_arrays(cfg, 'heldout')
-  xt, yt = ip.load_eval_arrays(cfg, 'train')
+  x, y = ip.open_source(cfg).eval_arrays('heldout')
+  xt, yt = ip.open_source(cfg).eval_arrays('train')
   assert x.shape == (359, 16, 16, 3) and x.dtype == np.uint8
   assert y.dtype == np.int32 and set(y) == set(range(10))
   assert len(xt) + len(x) == 1797
   np.testing.assert_array_equal(x[..., 0], x[..., 2])  # gray -> 3 channels
   # The split is fixed: it ignores the config seed.
-  _, _, splits = ip.digits_arrays(0.2)
+  _, _, splits = digits.digits_arrays(0.2)
   assert not set(splits['train']) & set(splits['heldout'])
 
 
@@ -127,8 +128,7 @@ def test_digits_batch_format_and_eval_split(crop_on):
 def test_same_step_same_batch_and_start_step_continues(crop_on):
   cfg = _data_cfg(source='digits', crop_on=crop_on)
   g = 480  # 1438 // 480 = 2 steps per epoch: batch 2 starts epoch 1.
-  make = lambda **kw: ip.create_train_iterator(
-      cfg, global_batch=g, process_index=0, process_count=1,
+  make = lambda **kw: ip.open_source(cfg).train_iterator(global_batch=g, process_index=0, process_count=1,
       include_index=True, **kw)
   stream = _take(make(seed=3), 4)
   for k in (1, 2, 3):
@@ -199,7 +199,7 @@ def test_folder_reads_odd_files_and_skips_corrupt(odd_folder, crop_on):
   # max_side 16 < the 40x30 files: the device path downscales them.
   cfg = _data_cfg(source='folder', folder=str(root), train_split='train',
                   crop_on=crop_on, max_side=16)
-  index = ip.scan_folder(cfg, 'train')
+  index = folder.scan_folder(ip.DataSpec.from_config(cfg), 'train')
   rel = [str(p)[len(str(root)) + 1:] for p in index.paths]
   assert rel == ['trunc.png', 'a/cmyk.jpg', 'a/rgb.jpg', 'a/rgb.png',
                  'b/gray.jpg', 'b/gray16.png', 'b/rgba.png']
@@ -209,7 +209,7 @@ def test_folder_reads_odd_files_and_skips_corrupt(odd_folder, crop_on):
       'a/rgb.jpg', 'b/gray.jpg']  # the rest goes through PIL
   assert len(index.skipped) == 1 and index.skipped[0].endswith('bad.jpg')
 
-  it = ip.create_train_iterator(cfg, global_batch=1, seed=0, process_index=0,
+  it = ip.open_source(cfg).train_iterator(global_batch=1, seed=0, process_index=0,
                                 process_count=1, include_index=True)
   seen = {}
   for batch in _take(it, 12):  # two epochs of six good files
@@ -231,7 +231,7 @@ def test_folder_reads_odd_files_and_skips_corrupt(odd_folder, crop_on):
 def test_folder_eval_arrays(odd_folder):
   root, expected = odd_folder
   cfg = _data_cfg(source='folder', folder=str(root), image_size=16)
-  x, y = ip.load_eval_arrays(cfg, 'validation')  # no such subfolder: root
+  x, y = ip.open_source(cfg).eval_arrays('validation')  # no such subfolder: root
   assert x.shape == (6, 16, 16, 3) and x.dtype == np.uint8
   np.testing.assert_array_equal(y, [0, 0, 0, 1, 1, 1])
   np.testing.assert_allclose(x[5].reshape(-1, 3).mean(0),
@@ -250,7 +250,7 @@ def test_folder_errors_are_clear(tmp_path, setup):
     folder = None
   cfg = _data_cfg(source='folder', folder=folder)
   with pytest.raises(ip.DatasetNotFoundError, match='data.folder'):
-    ip.create_train_iterator(cfg, global_batch=2, seed=0, process_index=0,
+    ip.open_source(cfg).train_iterator(global_batch=2, seed=0, process_index=0,
                              process_count=1)
 
 
@@ -292,9 +292,8 @@ def tiny_tfds(tmp_path_factory):
 def test_tfds_stream(tiny_tfds, crop_on):
   cfg = _data_cfg(source='tfds', tfds_name='mcltest_tiny_images',
                   tfds_data_dir=tiny_tfds, crop_on=crop_on)
-  assert ip.num_train_examples(cfg) == 20
-  make = lambda **kw: ip.create_train_iterator(
-      cfg, global_batch=4, seed=0, process_count=2, **kw)
+  assert ip.open_source(cfg).num_examples == 20
+  make = lambda **kw: ip.open_source(cfg).train_iterator(global_batch=4, seed=0, process_count=2, **kw)
   stream = _take(make(process_index=1), 7)  # 5 steps per epoch
   assert set(stream[0]) == _image_keys(crop_on) | {'label'}
   assert _crops(stream[0], cfg).shape == (2, 2, 8, 8, 3)
@@ -305,7 +304,7 @@ def test_tfds_stream(tiny_tfds, crop_on):
   other = _take(make(process_index=0), 5)
   assert not any(np.array_equal(_crops(a, cfg), _crops(b, cfg))
                  for a, b in zip(other, stream))
-  x, y = ip.load_eval_arrays(cfg, 'validation')
+  x, y = ip.open_source(cfg).eval_arrays('validation')
   assert x.shape == (6, 8, 8, 3) and x.dtype == np.uint8
   assert sorted(y) == [0, 0, 1, 1, 2, 2]
 
@@ -314,7 +313,7 @@ def test_tfds_missing_dataset_error(tmp_path):
   cfg = _data_cfg(source='tfds', tfds_name='imagenet2012',
                   tfds_data_dir=str(tmp_path / 'tfds'))
   with pytest.raises(ip.DatasetNotFoundError) as err:
-    ip.create_train_iterator(cfg, global_batch=4, seed=0, process_index=0,
+    ip.open_source(cfg).train_iterator(global_batch=4, seed=0, process_index=0,
                              process_count=1)
   msg = str(err.value)
   for needle in ('ILSVRC2012_img_train.tar', 'ILSVRC2012_img_val.tar',
@@ -322,14 +321,14 @@ def test_tfds_missing_dataset_error(tmp_path):
                  'tfds build imagenet2012', 'tfds_download_and_prepare'):
     assert needle in msg
   # Sizes still come from the config when the files are missing.
-  assert ip.num_train_examples(cfg) == 1_281_167
+  assert tfds_source.num_examples(ip.DataSpec.from_config(cfg)) == 1_281_167
   cfg.tfds_name = 'mnist'
   with pytest.raises(ip.DatasetNotFoundError, match='tfds build mnist'):
-    ip.create_train_iterator(cfg, global_batch=4, seed=0, process_index=0,
+    ip.open_source(cfg).train_iterator(global_batch=4, seed=0, process_index=0,
                              process_count=1)
   cfg.tfds_name = 'no_such_dataset_mcl'
   with pytest.raises(ip.DatasetNotFoundError, match='unknown TFDS dataset'):
-    ip.create_train_iterator(cfg, global_batch=4, seed=0, process_index=0,
+    ip.open_source(cfg).train_iterator(global_batch=4, seed=0, process_index=0,
                              process_count=1)
 
 
@@ -338,14 +337,9 @@ def test_tfds_missing_dataset_error(tmp_path):
 
 def test_unknown_source_is_one_error():
   cfg = _data_cfg(source='imagenet_folder')
-  asks = [lambda: ip.num_train_examples(cfg),
-          lambda: ip.steps_per_epoch(cfg, 4),
-          lambda: ip.require_labels(cfg),
-          lambda: ip.create_train_iterator(cfg, global_batch=2, seed=0,
-                                           process_index=0, process_count=1),
-          lambda: ip.load_eval_arrays(cfg, 'train'),
-          lambda: ip.eval_splits(cfg),
-          lambda: ip.has_heldout_split(cfg)]
+  # Every question goes through the opened source, so opening is the one place.
+  asks = [lambda: ip.open_source(cfg),
+          lambda: ip.open_source(ip.DataSpec.from_config(cfg))]
   messages = set()
   for ask in asks:
     with pytest.raises(ValueError) as err:

@@ -1,4 +1,4 @@
-"""The multi-level loss (MCL_SPEC.md section 4) against a NumPy computation.
+"""The multi-level loss (docs/METHOD.md section 4) against a NumPy computation.
 
 Tolerances: relative 1e-5 on the total loss and every logged metric (float64
 reference, float32 library), including the permutation-invariance check.
@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mcl_jax import losses
+from mcl_jax.pretext import losses
 
 RTOL = 1e-5
 WEIGHTS = (1 / 2, 1 / 4, 1 / 8, 1 / 8)

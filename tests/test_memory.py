@@ -24,8 +24,11 @@ import numpy as np
 import pytest
 
 from configs import test_tiny
-from mcl_jax import batch_norm, config_validation, memory, model as model_lib, montage, objective
-from mcl_jax import remat, resnet
+from mcl_jax.nn import batch_norm, model as model_lib
+from mcl_jax import config_validation
+from mcl_jax.training import memory
+from mcl_jax.pretext import montage, objective
+from mcl_jax.nn import remat, resnet
 
 
 # ---------------------------------------------------------------- BatchNorm --
@@ -353,12 +356,12 @@ def test_check_fits_names_batch_bytes_and_settings():
 
 def test_train_loop_stops_before_the_first_step_when_the_step_cannot_fit(
     tmp_path, monkeypatch):
-  from mcl_jax import train
+  from mcl_jax.training import loop
   monkeypatch.setattr(memory, 'device_bytes_limit', lambda device: 2**20)  # 1 MiB
   c = _tiny(levels=1)  # one level and one neck conv: a short compile
   c.model.neck_convs = 1
   c.optim.global_batch = 8 * jax.device_count()
   with pytest.raises(memory.DoesNotFitError, match=r'per-device batch 8 .* the device has '
                      r'0\.00 GiB'):
-    train.train_and_evaluate(c, str(tmp_path / 'run'))
+    loop.train_and_evaluate(c, str(tmp_path / 'run'))
   assert not (tmp_path / 'run').exists()  # nothing was trained, nothing is left

@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 
 from configs import mcl_100ep
-from mcl_jax import model as model_lib
-from mcl_jax import montage, objective
-from mcl_jax.fpn import FPN
-from mcl_jax.resnet import ResNet
+from mcl_jax.nn import model as model_lib
+from mcl_jax.pretext import montage, objective
+from mcl_jax.nn.fpn import FPN
+from mcl_jax.nn.resnet import ResNet
 
 TOL = 1e-5
 B, S = 32, 64
@@ -168,7 +168,7 @@ def test_resnet_matches_torch_padding(block, size):
 def test_conv_dense_path_matches_xla_convolution(hw, k, stride, padding):
   """resnet.Conv's matmul path for <= 2x2 outputs equals lax's convolution,
   forward and both gradients (random inputs and kernels, tol 1e-5 relative)."""
-  from mcl_jax import resnet
+  from mcl_jax.nn import resnet
   rng = np.random.default_rng(sum(hw) * 10 + k)
   pads = padding if isinstance(padding, tuple) else (padding, padding)
   strides = stride if isinstance(stride, tuple) else (stride, stride)

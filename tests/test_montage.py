@@ -1,4 +1,4 @@
-"""Montage assembly (MCL_SPEC.md section 2) against a direct NumPy check.
+"""Montage assembly (docs/METHOD.md section 2) against a direct NumPy check.
 
 Every tile of every canvas is cut out with NumPy at the position the layout
 gives (`Layout.boxes` / `Layout.tiles`) and compared with the crop its label
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from configs import mcl_100ep
-from mcl_jax import montage
+from mcl_jax.pretext import montage
 
 B, S = 32, 64  # group size, canvas side
 ANTIALIAS_TOL = 1e-6

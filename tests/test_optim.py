@@ -1,6 +1,6 @@
-"""mcl_jax.optim against NumPy transcriptions of the reference formulas (float64).
+"""mcl_jax.training.optim against NumPy transcriptions of the reference formulas (float64).
 
-Reference: MCL_SPEC.md section 5, i.e. openselfsup's LARS and mmcv's cosine
+Reference: docs/METHOD.md section 5, i.e. openselfsup's LARS and mmcv's cosine
 schedule with linear warm-up. The 'optax' options must equal the optax calls
 the project made before, exactly.
 """
@@ -14,7 +14,8 @@ import optax
 import pytest
 
 from configs import mcl_100ep
-from mcl_jax import config_validation, optim
+from mcl_jax import config_validation
+from mcl_jax.training import optim
 
 # float32 schedule vs float64 formula: relative error, measured <= 4.6e-7 at
 # every step of the 100-epoch schedule.
@@ -32,7 +33,7 @@ MOVE_TOL = 5e-5
 # ------------------------------------------------------ NumPy transcriptions --
 
 def mmcv_lr(t, peak, min_lr, total, warmup, ratio):
-  """mmcv CosineAnnealing (by iteration) with linear warm-up, as MCL_SPEC.md 5."""
+  """mmcv CosineAnnealing (by iteration) with linear warm-up, as docs/METHOD.md section 5."""
   t = np.asarray(t, np.float64)
   cos_lr = min_lr + (peak - min_lr) * (1 + np.cos(np.pi * t / total)) / 2
   return np.where(t < warmup, cos_lr * (ratio + (1 - ratio) * t / max(warmup, 1)), cos_lr)

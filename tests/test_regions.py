@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from configs import mcl_100ep
-from mcl_jax import montage
-from mcl_jax.model import cut_regions
+from mcl_jax.pretext import montage
+from mcl_jax.nn.model import cut_regions
 
 B, S, G, C = 32, 64, 2, 3
 K = S // 32  # region side

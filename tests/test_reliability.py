@@ -23,8 +23,10 @@ import pytest
 
 from tests import subprocess_runs as runs
 from configs import test_tiny
-from mcl_jax import checkpointing, config_validation, logs, train
-from mcl_jax import state as state_lib
+from mcl_jax.training import checkpointing, logs, loop, signals
+from mcl_jax import config_validation
+from mcl_jax.training import state as state_lib
+from mcl_jax.training import optim
 
 # Orbax/TensorStore report failed reads of damaged files from a closed event loop.
 pytestmark = pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning')
@@ -106,12 +108,12 @@ def test_reference_configs_are_valid():
 
 def test_validation_runs_before_anything_else(tmp_path, monkeypatch):
   """An impossible config fails at once: no workdir, no compile, no data."""
-  monkeypatch.setattr(train, 'make_train_step', lambda *a: pytest.fail('compiled'))
+  monkeypatch.setattr(loop, 'make_train_step', lambda *a: pytest.fail('compiled'))
   monkeypatch.setattr(state_lib, 'create_train_state', lambda *a, **k: pytest.fail('initialised'))
   workdir = tmp_path / 'never'
   t0 = time.monotonic()
   with pytest.raises(config_validation.ConfigError, match='optim.momentum'):
-    train.train_and_evaluate(_config(**{'optim.momentum': 1.5, 'optim.global_batch': 64}),
+    loop.train_and_evaluate(_config(**{'optim.momentum': 1.5, 'optim.global_batch': 64}),
                              str(workdir))
   assert time.monotonic() - t0 < 5 and not workdir.exists()
 
@@ -119,12 +121,12 @@ def test_validation_runs_before_anything_else(tmp_path, monkeypatch):
 # ------------------------------------------------- 5. non-finite (units) --
 
 def test_check_finite_names_the_step():
-  train._check_finite({'loss': 1.0, 'grad_norm': 2.0, 'param_norm': 3.0}, 7, 6)
+  loop._check_finite({'loss': 1.0, 'grad_norm': 2.0, 'param_norm': 3.0}, 7, 6)
   for name, bad in (('loss', float('nan')), ('grad_norm', float('inf')),
                     ('param_norm', float('inf'))):
     m = {'loss': 1.0, 'grad_norm': 2.0, 'param_norm': 3.0, name: bad}
-    with pytest.raises(train.NonFiniteError, match=rf'{name} not finite at step 7 .*step 6\)'):
-      train._check_finite(m, 7, 6)
+    with pytest.raises(loop.NonFiniteError, match=rf'{name} not finite at step 7 .*step 6\)'):
+      loop._check_finite(m, 7, 6)
 
 
 # ----------------------------------------------------------- 7. the workdir --
@@ -158,11 +160,11 @@ def test_read_only_workdir(tmp_path):
 
 
 def test_unusable_workdir_fails_before_compiling(tmp_path, monkeypatch):
-  monkeypatch.setattr(train, 'make_train_step', lambda *a: pytest.fail('compiled'))
+  monkeypatch.setattr(loop, 'make_train_step', lambda *a: pytest.fail('compiled'))
   blocker = tmp_path / 'a_file'
   blocker.write_text('')
   with pytest.raises(checkpointing.CheckpointError, match='cannot be created'):
-    train.train_and_evaluate(_config(**{'optim.global_batch': 64}), str(blocker / 'run'))
+    loop.train_and_evaluate(_config(**{'optim.global_batch': 64}), str(blocker / 'run'))
 
 
 def test_truncate_metrics_keeps_one_line_per_step(tmp_path):
@@ -291,7 +293,7 @@ def test_sigterm_saves_and_exits_0_then_corrupt_latest_falls_back_then_sigint(tm
 
 def _abstract(workdir):
   config = checkpointing.load_config(workdir)
-  return state_lib.abstract_train_state(config, state_lib.create_optimizer(config, 1))
+  return state_lib.abstract_train_state(config, optim.create_optimizer(config, 1))
 
 
 @pytest.mark.parametrize('how, keep', [('truncate', 1), ('truncate', 2), ('overwrite', 1),
@@ -356,7 +358,7 @@ def test_leftover_tmp_checkpoint_is_never_restored_and_is_cleaned(tmp_path):
 # ---------------------------------------- 7. a checkpoint of another model --
 
 def test_checkpoint_of_another_model_is_refused(tmp_path, monkeypatch):
-  monkeypatch.setattr(train, 'make_train_step', lambda *a: pytest.fail('compiled'))
+  monkeypatch.setattr(loop, 'make_train_step', lambda *a: pytest.fail('compiled'))
   workdir = runs.copy_workdir(runs.reference()['workdir'], str(tmp_path / 'run'),
                               keep_steps=(12,))
   other = checkpointing.load_config(workdir)
@@ -365,12 +367,12 @@ def test_checkpoint_of_another_model_is_refused(tmp_path, monkeypatch):
   # Caught from config.json before anything is built...
   with pytest.raises(checkpointing.CheckpointError,
                      match=r"different model \(model.width: checkpoint 8 vs now 16"):
-    train.train_and_evaluate(other, workdir)
+    loop.train_and_evaluate(other, workdir)
   # ...and from the checkpoint's own array shapes when config.json is gone.
   os.remove(os.path.join(workdir, checkpointing.CONFIG_FILE))
   with pytest.raises(checkpointing.CheckpointError,
                      match=r'checkpoint 12 .* different model .*backbone'):
-    train.train_and_evaluate(other, workdir)
+    loop.train_and_evaluate(other, workdir)
   assert runs.checkpoint_entries(workdir) == ['12']  # nothing renamed or deleted
 
 
@@ -445,7 +447,7 @@ def test_second_signal_is_not_swallowed(caplog):
   gc.disable()
   raised = False
   try:
-    with train._StopSignal() as stop:
+    with signals.StopSignal() as stop:
       assert not stop.should_stop(0)
       signal.raise_signal(signal.SIGINT)
       for _ in range(500):

@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 from jax.test_util import check_grads
 
-from mcl_jax import roi_align as ra
+from mcl_jax.nn import roi_align as ra
 
 TOL = 1e-5
 

@@ -1,4 +1,4 @@
-"""Supervised MCL (spec section 7): loss, labelled-source check, a short run."""
+"""Supervised MCL (docs/METHOD.md section 7): loss, labelled-source check, a short run."""
 
 import jax
 import jax.numpy as jnp
@@ -7,8 +7,12 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from configs import demo_supervised, mcl_supervised_100ep, test_tiny
-from mcl_jax import export, input_pipeline, losses, train
-from mcl_jax import state as state_lib
+from mcl_jax.eval import export
+from mcl_jax.data import input_pipeline
+from mcl_jax.pretext import losses
+from mcl_jax.training import step as step_lib
+from mcl_jax.training import state as state_lib
+from mcl_jax.training import optim
 
 
 def _np_supervised(logits, classes, weights, smoothing):
@@ -58,12 +62,12 @@ def test_unlabelled_folder_is_refused(tmp_path):
   c.data.source = 'folder'
   c.data.folder = str(tmp_path)
   with pytest.raises(ValueError, match='needs labels'):
-    input_pipeline.require_labels(c.data)
+    input_pipeline.open_source(c.data).require_labels()
   c.data.source = 'digits'
-  assert input_pipeline.require_labels(c.data) == 10
+  assert input_pipeline.open_source(c.data).require_labels() == 10
   c.data.num_classes = 5
   with pytest.raises(ValueError, match='num_classes'):
-    input_pipeline.require_labels(c.data)
+    input_pipeline.open_source(c.data).require_labels()
 
 
 def test_short_supervised_run_on_digits_learns():
@@ -71,12 +75,12 @@ def test_short_supervised_run_on_digits_learns():
   config = demo_supervised.get_config()
   steps = config.optim.num_steps
   mesh = state_lib.make_mesh(1)
-  tx = state_lib.create_optimizer(config, steps)
+  tx = optim.create_optimizer(config, steps)
   state = jax.jit(lambda k: state_lib.create_train_state(config, k, tx),
                   out_shardings=NamedSharding(mesh, P()))(jax.random.key(0))
   assert 'classifiers_0' in state.params and not state.target_params
-  step_fn = train.make_train_step(config, mesh, tx, steps)
-  data = input_pipeline.create_train_iterator(config.data, global_batch=64, seed=0)
+  step_fn = step_lib.make_train_step(config, mesh, tx, steps)
+  data = input_pipeline.open_source(config.data).train_iterator(global_batch=64, seed=0)
   sharding = NamedSharding(mesh, P('data'))
   accs = []
   for _ in range(steps):

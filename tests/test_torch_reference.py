@@ -1,4 +1,4 @@
-"""The JAX MCL loss against an independent PyTorch implementation (tests/torch_reference.py).
+"""The JAX MCL loss against an independent PyTorch implementation (mcl_jax/testing/torch_reference.py).
 
 Weights are random variables in the JAX init's shapes (BatchNorm scales,
 biases and running statistics randomised too) copied into PyTorch, with a
@@ -34,10 +34,10 @@ import pytest
 
 torch = pytest.importorskip('torch')
 
-from tests import torch_reference as tr  # noqa: E402
+from mcl_jax.testing import torch_reference as tr  # noqa: E402
 from configs import test_tiny  # noqa: E402
-from mcl_jax import model as model_lib  # noqa: E402
-from mcl_jax import montage, objective  # noqa: E402
+from mcl_jax.nn import model as model_lib  # noqa: E402
+from mcl_jax.pretext import montage, objective  # noqa: E402
 
 REL = 1e-4
 # Softplus gradients: measured <= 3.9e-5 over 32 px seeds 0-1 and 64 px

@@ -1,16 +1,16 @@
 """Training system: sharded step equality, schedules, masks, EMA."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from configs import test_tiny
-from mcl_jax import model as model_lib
-from mcl_jax import state as state_lib
-from mcl_jax import train
+from mcl_jax.nn import model as model_lib
+from mcl_jax.training import state as state_lib
+from mcl_jax.training import optim
+from mcl_jax.training import step as step_lib
 
 
 def _tiny(global_batch=64):
@@ -22,11 +22,11 @@ def _tiny(global_batch=64):
 def _one_step(config, num_devices, crops, labels, num_steps=10):
   mesh = state_lib.make_mesh(num_devices)
   rep = NamedSharding(mesh, P())
-  tx = state_lib.create_optimizer(config, num_steps)
+  tx = optim.create_optimizer(config, num_steps)
   state = jax.jit(lambda k: state_lib.create_train_state(config, k, tx),
                   out_shardings=rep)(jax.random.key(0))
   before = jax.device_get(state)
-  step = train.make_train_step(config, mesh, tx, num_steps)
+  step = step_lib.make_train_step(config, mesh, tx, num_steps)
   shard = NamedSharding(mesh, P('data'))
   state, metrics = step(state, jax.device_put(crops, shard), jax.device_put(labels, shard))
   return before, jax.device_get(state), jax.device_get(metrics)
@@ -73,7 +73,7 @@ def test_schedules():
   config.optim.base_lr = 1.0
   config.optim.min_lr = 1e-4
   config.optim.warmup_steps = 10
-  sched = state_lib.lr_schedule(config, 100)
+  sched = optim.lr_schedule(config, 100)
   lr = 1.0 * 512 / 256
   assert float(sched(0)) == pytest.approx(lr * 1e-4, rel=1e-3)  # f32 schedule
   assert float(sched(10)) == pytest.approx(lr, rel=1e-6)
@@ -88,7 +88,7 @@ def test_schedules():
 def test_reference_config_values():
   from configs import mcl_100ep
   c = mcl_100ep.get_config()
-  assert state_lib.peak_lr(c) == 16.0
+  assert optim.peak_lr(c) == 16.0
   assert c.optim.warmup_steps == 3127 and c.optim.clip_norm == 500
   assert c.optim.num_epochs * (c.data.num_train_examples // c.optim.global_batch) == 31_200
   assert tuple(c.loss.level_weights) == (0.5, 0.25, 0.125, 0.125) and c.loss.tau == 1.0
@@ -98,8 +98,8 @@ def test_reference_config_values():
 def test_decay_mask_excludes_norms_and_biases():
   config = _tiny()
   params = jax.eval_shape(lambda k: state_lib.create_train_state(
-      config, k, state_lib.create_optimizer(config, 1)), jax.random.key(0)).params
-  flat = jax.tree_util.tree_flatten_with_path(state_lib.decay_mask(params))[0]
+      config, k, optim.create_optimizer(config, 1)), jax.random.key(0)).params
+  flat = jax.tree_util.tree_flatten_with_path(optim.decay_mask(params))[0]
   names = {'/'.join(str(getattr(p, 'key', p)) for p in path): v for path, v in flat}
   assert names['backbone/conv1/kernel'] and names['neck/fc1/kernel']
   assert not names['backbone/bn1/scale'] and not names['backbone/bn1/bias']

@@ -86,14 +86,7 @@ def train_stream(spec: DataSpec, plan_for, seed: int,
                  include_index: bool) -> stream.TrainStream:
   """Epoch permutations of the train split; 'index' is the load_digits() row.
 
-  Args:
-    spec: the data settings.
-    plan_for: num_examples -> this process's `stream.ShardPlan`.
-    seed: config seed.
-    include_index: also emit 'index'.
-
-  Returns:
-    The `stream.TrainStream` (one infinite dataset).
+  The `input_pipeline.Source.train_stream` of this source.
   """
   tf = _tf()
   images, labels, splits = digits_arrays(spec.digits_heldout_fraction)

@@ -208,14 +208,7 @@ def train_stream(spec: DataSpec, plan_for, seed: int,
                  include_index: bool) -> stream.TrainStream:
   """Epoch permutations of the train split's files; 'index' is the position.
 
-  Args:
-    spec: the data settings.
-    plan_for: num_examples -> this process's `stream.ShardPlan`.
-    seed: config seed.
-    include_index: also emit 'index' (position in `scan_folder(...).paths`).
-
-  Returns:
-    The `stream.TrainStream` (one infinite dataset).
+  The `input_pipeline.Source.train_stream` of this source.
   """
   tf = _tf()
   index = scan_folder(spec, spec.train_split)

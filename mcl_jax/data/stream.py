@@ -204,7 +204,7 @@ class TrainIterator:
   requested) and the image features: data.crop_on='host': 'crops' uint8
   [local_batch, num_crops, S, S, 3]; 'device': 'image' uint8 [local_batch,
   max_side, max_side, 3], 'size' int32 [local_batch, 2] and 'windows'
-  float32 [local_batch, num_crops, 4] (see `mcl_jax.device_crops`).
+  float32 [local_batch, num_crops, 4] (see `mcl_jax.data.device_crops`).
 
   Attributes:
     local_batch: examples per yielded batch.

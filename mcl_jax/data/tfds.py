@@ -171,14 +171,7 @@ def train_stream(spec: DataSpec, plan_for, seed: int,
                  include_index: bool) -> stream.TrainStream:
   """This process's even split, one pipeline per epoch; 'index' is -1.
 
-  Args:
-    spec: the data settings.
-    plan_for: num_examples -> this process's `stream.ShardPlan`.
-    seed: config seed.
-    include_index: also emit 'index' (always -1: records have no position).
-
-  Returns:
-    The `stream.TrainStream` (an endless generator of per-epoch datasets).
+  The `input_pipeline.Source.train_stream` of this source.
   """
   b = builder(spec)
   n = int(b.info.splits[spec.train_split].num_examples)

@@ -4,7 +4,7 @@ Owns the network only: `MCLNet`, how regions are cut from the FPN maps
 (`cut_regions`), building it from a config and initialising it. The batch
 losses that run it on montages live in objective.py.
 
-Data flow of one view (MCL_SPEC.md sections 2-4):
+Data flow of one view (docs/METHOD.md sections 2-4):
   canvases --ResNet/FPN--> P2..P5 --cut--> regions
   --neck (once over all levels, per-level BN)--> tile embeddings
   --predictor_i--> online predictions (the target keeps level 0 only).
@@ -17,12 +17,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mcl_jax import remat as remat_lib
-from mcl_jax import roi_align
-from mcl_jax.fpn import FPN
-from mcl_jax.heads import Predictor, RegionNeck
-from mcl_jax.montage import Layout
-from mcl_jax.resnet import ResNet
+from mcl_jax.nn import remat as remat_lib
+from mcl_jax.nn import roi_align
+from mcl_jax.nn.fpn import FPN
+from mcl_jax.nn.heads import Predictor, RegionNeck
+from mcl_jax.pretext.montage import Layout
+from mcl_jax.nn.resnet import ResNet
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
 
@@ -139,7 +139,7 @@ class MCLNet(nn.Module):
     predictor_hidden: the per-level predictors' hidden width.
     num_levels: montage levels (one predictor each).
     region_path, neck_regions, region_size: see `cut_regions`.
-    num_classes: > 0 adds supervised classifiers (spec section 7).
+    num_classes: > 0 adds supervised classifiers (docs/METHOD.md section 7).
     shared_classifier: one classifier for all levels instead of one each.
     dtype: compute dtype.
     remat: a key of REMAT.

@@ -1,10 +1,11 @@
 """The batch losses: montages of a batch of crops through the networks to a loss.
 
 Owns what runs between the augmented crops and the loss value: assembling each
-view's canvases (`view_canvases`), the target bank (`target_embeddings`), the
+view's canvases (`view_canvases`), the target bank (`target_bank`,
+`target_embeddings`), the online predictions (`online_predictions`), the
 self-supervised and the supervised batch losses, and `batch_loss_fn`, which
 picks one from the config for the train step. The maths of the losses
-themselves is losses.py's; the network is model.py's.
+themselves is losses.py's; the network is nn/model.py's.
 """
 
 import dataclasses
@@ -12,10 +13,10 @@ from typing import Callable, Sequence
 
 import jax
 
-from mcl_jax import losses, montage
-from mcl_jax import remat as remat_lib
-from mcl_jax.model import MCLNet
-from mcl_jax.montage import Layout
+from mcl_jax.pretext import losses, montage
+from mcl_jax.nn import remat as remat_lib
+from mcl_jax.nn.model import MCLNet
+from mcl_jax.pretext.montage import Layout
 
 
 def view_canvases(crops, view: int, layout: Layout, key, mesh, method: str):
@@ -43,6 +44,38 @@ def target_embeddings(model: MCLNet, target_vars, canvases, layout: Layout,
   (emb,), state = model.apply(target_vars, canvases, layout, train=True, levels=(0,),
                               method=MCLNet.embed, mutable=['batch_stats'])
   return jax.lax.stop_gradient(emb), state['batch_stats']
+
+
+def target_bank(model: MCLNet, target_vars, canvases: Sequence, layout: Layout,
+                whole_crops_only: bool = False):
+  """Per view, the target's level-0 embeddings; its BN statistics threaded through the views.
+
+  Returns:
+    ([targets of each view], the target's updated batch_stats).
+  """
+  targets, batch_stats = [], target_vars['batch_stats']
+  for c in canvases:
+    t, batch_stats = target_embeddings(
+        model, {'params': target_vars['params'], 'batch_stats': batch_stats}, c, layout,
+        whole_crops_only)
+    targets.append(t)
+  return targets, batch_stats
+
+
+def online_predictions(model: MCLNet, params, batch_stats, canvases: Sequence,
+                       layout: Layout):
+  """Per view, the online network's per-level predictions; BN statistics threaded in order.
+
+  Returns:
+    ([per-level predictions of each view], the online updated batch_stats).
+  """
+  preds = []
+  for c in canvases:
+    p, state = model.apply({'params': params, 'batch_stats': batch_stats}, c, layout,
+                           train=True, mutable=['batch_stats'])
+    batch_stats = state['batch_stats']
+    preds.append(p)
+  return preds, batch_stats
 
 
 def view_by_view(view_loss: Callable, params, batch_stats, inputs: Sequence):
@@ -128,19 +161,11 @@ def self_supervised_batch_loss(model: MCLNet, params, batch_stats, target_vars, 
         target_whole_crops_only=target_whole_crops_only)
   if accumulate != 'none':
     raise ValueError(f"optim.accumulate={accumulate!r}: must be 'none' or 'views'")
-  targets, preds, labels = [], [], []
-  target_bs = target_vars['batch_stats']
-  for view in (0, 1):
-    canvases, lab = view_canvases(crops, view, layout, key, mesh, downsample)
-    t, target_bs = target_embeddings(
-        model, {'params': target_vars['params'], 'batch_stats': target_bs},
-        canvases, layout, target_whole_crops_only)
-    p, state = model.apply({'params': params, 'batch_stats': batch_stats}, canvases,
-                           layout, train=True, mutable=['batch_stats'])
-    batch_stats = state['batch_stats']
-    targets.append(t)
-    preds.append(p)
-    labels.append(lab)
+  canvases, labels = zip(*(view_canvases(crops, view, layout, key, mesh, downsample)
+                            for view in (0, 1)))
+  targets, target_bs = target_bank(model, target_vars, canvases, layout,
+                                   target_whole_crops_only)
+  preds, batch_stats = online_predictions(model, params, batch_stats, canvases, layout)
   loss, metrics = losses.mcl_loss(preds[0], preds[1], labels[0], labels[1],
                                   targets[0], targets[1], tau, level_weights)
   return loss, (metrics, batch_stats, target_bs)
@@ -150,16 +175,11 @@ def _self_supervised_view_by_view(model: MCLNet, params, batch_stats, target_var
                                   layout: Layout, *, tau, level_weights, mesh, downsample,
                                   target_whole_crops_only):
   """`self_supervised_batch_loss` with accumulate='views'."""
-  canvases, labels, targets = [], [], []
-  target_bs = target_vars['batch_stats']
-  for view in (0, 1):
-    c, lab = view_canvases(crops, view, layout, key, mesh, downsample)
-    t, target_bs = target_embeddings(
-        model, {'params': target_vars['params'], 'batch_stats': target_bs}, c, layout,
-        target_whole_crops_only)
-    canvases.append(c)
-    labels.append(lab)
-    targets.append(losses.l2_normalize(t))
+  canvases, labels = zip(*(view_canvases(crops, view, layout, key, mesh, downsample)
+                            for view in (0, 1)))
+  targets, target_bs = target_bank(model, target_vars, canvases, layout,
+                                   target_whole_crops_only)
+  targets = [losses.l2_normalize(t) for t in targets]
 
   def view_loss(params, batch_stats, inputs):
     canvases_v, labels_v, targets_other = inputs
@@ -185,7 +205,7 @@ def supervised_batch_loss(model: MCLNet, params, batch_stats, crops, classes, ke
                        layout: Layout, *, level_weights: Sequence[float],
                        label_smoothing: float = 0.0, mesh=None,
                        downsample: str = 'nearest'):
-  """Supervised MCL (spec section 7): tiles classified into their source's class.
+  """Supervised MCL (docs/METHOD.md section 7): tiles classified into their source's class.
 
   Same montages, backbone, FPN and neck as `self_supervised_batch_loss`; a classifier per
   level (or one shared) replaces predictors and target network. Summed over

@@ -1,6 +1,6 @@
 """The optimizer maths: peak learning rate, schedule, decay mask and LARS.
 
-Defaults follow the reference (MCL_SPEC.md section 5, GuoQiushan/MCL's
+Defaults follow the reference (docs/METHOD.md section 5, GuoQiushan/MCL's
 openselfsup LARS and mmcv's cosine schedule with linear warm-up). The optax
 forms the project used before are kept as switches:
 

@@ -1,4 +1,4 @@
-"""Feature pyramid network, mmdetection style with BatchNorm (MCL_SPEC.md section 3)."""
+"""Feature pyramid network, mmdetection style with BatchNorm (docs/METHOD.md section 3)."""
 
 from typing import Any
 
@@ -6,7 +6,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mcl_jax.resnet import Conv, batch_norm, conv_init, pad
+from mcl_jax.nn.resnet import Conv, batch_norm, conv_init, pad
 
 
 def upsample_nearest(x, factor: int = 2):

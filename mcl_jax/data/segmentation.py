@@ -204,7 +204,7 @@ def digit_scenes(heldout_fraction: float, num_train: int = NUM_TRAIN_SCENES,
                  num_test: int = NUM_TEST_SCENES, seed: int = 0,
                  size: int = SCENE_SIZE) -> ProbeData:
   """Probe-train scenes of pretraining-split digits, probe-test scenes of held-out ones."""
-  from mcl_jax import input_pipeline  # pylint: disable=import-outside-toplevel
+  from mcl_jax.data import input_pipeline  # pylint: disable=import-outside-toplevel
   images, labels, splits = input_pipeline.digits_arrays(float(heldout_fraction))
   tr, te = splits['train'], splits['heldout']
   rule = (f'by digit side: small {DIGIT_SIDES[0]}-{DIGIT_SIZE_EDGES[0] - 1} px, medium '

@@ -13,7 +13,7 @@ Layout of a workdir:
                        a checkpoint that failed to restore while an older
                        one restored: moved aside so that Orbax neither
                        restores it nor counts it against keep_checkpoints
-  metrics.jsonl, events.* (TensorBoard), montage.png (logs.py, visualize.py)
+  metrics.jsonl, events.* (TensorBoard), montage.png (logs.py, eval/visualize.py)
 
 The workdir may be local or gs://BUCKET/path: everything here goes through
 mcl_jax.paths, and Orbax writes the arrays with tensorstore's GCS driver.
@@ -31,7 +31,8 @@ import ml_collections
 import orbax.checkpoint as ocp
 
 from mcl_jax import paths
-from mcl_jax import state as state_lib
+from mcl_jax.training import state as state_lib
+from mcl_jax.training import optim
 
 CONFIG_FILE = 'config.json'
 
@@ -55,9 +56,6 @@ def check_workdir(workdir: str):
       raise CheckpointError(f'workdir {e}' if str(e).startswith('gs://') else str(e)) from e
     hint = ' or fix its permissions' if 'not writable' in str(e) else ''
     raise CheckpointError(f'workdir {e}: choose another --workdir{hint}') from e
-
-
-write_atomic = paths.write_atomic
 
 
 def save_config(workdir: str, config):
@@ -322,7 +320,7 @@ def load_variables(workdir: str, step: int | None = None, which: str = 'online')
   # Tools need the state's shapes only, which the schedule's length does not
   # change: the optimizer is built for a short run, one step past the warm-up
   # (a shorter one would make optax build a zero-length warm-up and say so).
-  tx = state_lib.create_optimizer(config, int(config.optim.warmup_steps) + 2)
+  tx = optim.create_optimizer(config, int(config.optim.warmup_steps) + 2)
   abstract = state_lib.abstract_train_state(config, tx)
   manager = make_manager(workdir, config.keep_checkpoints, async_save=False, create=False)
   try:

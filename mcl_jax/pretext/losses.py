@@ -1,4 +1,4 @@
-"""The multi-level InfoNCE loss (MCL_SPEC.md section 4) and its supervised twin."""
+"""The multi-level InfoNCE loss (docs/METHOD.md section 4) and its supervised twin."""
 
 from typing import Sequence
 

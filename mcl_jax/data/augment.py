@@ -1,4 +1,4 @@
-"""Device-side image augmentation for MCL (MCL_SPEC.md section 1, steps 2-7).
+"""Device-side image augmentation for MCL (docs/METHOD.md section 1, steps 2-7).
 
 The host pipeline (`input_pipeline.py`) delivers uint8 random-resized crops;
 everything after the crop runs here, on the accelerator, as jittable JAX:
@@ -43,7 +43,7 @@ BRIGHTNESS, CONTRAST, SATURATION, HUE = 0, 1, 2, 3
 
 @dataclasses.dataclass(frozen=True)
 class ViewParams:
-  """Augmentation settings of one view (MCL_SPEC.md section 1).
+  """Augmentation settings of one view (docs/METHOD.md section 1).
 
   Attributes:
     flip_p: probability of a horizontal flip.
@@ -447,7 +447,7 @@ def _augment_jit(crops_uint8, key, settings, num_crops, return_flags):
 
 def augment_crops(crops_uint8: jax.Array, key, aug_cfg, num_crops: int = 8,
                   return_flags: bool = False) -> Any:
-  """Augments a batch of host crops (MCL_SPEC.md section 1, steps 2-7).
+  """Augments a batch of host crops (docs/METHOD.md section 1, steps 2-7).
 
   Jittable: call it directly (it is jitted with the settings as a static
   argument) or inside a jitted train step.

@@ -1,11 +1,11 @@
-"""A PyTorch implementation of one MCL step, written from MCL_SPEC.md: the tests' oracle.
+"""A PyTorch implementation of one MCL step, written from docs/METHOD.md: the tests' oracle.
 
 It imports nothing from mcl_jax. Two users:
 
 * Numerical cross-check (tests/test_torch_reference.py): weights copied from a
   JAX init, the same pre-assembled canvases and tile labels, float32 and
   train-mode BatchNorm; `loss_from_canvases` must reproduce
-  `mcl_jax.objective.self_supervised_batch_loss` (loss and per-level loss / pos_cos / neg_cos)
+  `mcl_jax.pretext.objective.self_supervised_batch_loss` (loss and per-level loss / pos_cos / neg_cos)
   and its gradients.
 * Speed ratio (benchmarks/torch_reference.py): JAX step time over the time of
   `step` here for identical work.
@@ -75,7 +75,7 @@ class GridLayout:
 
   @staticmethod
   def from_jax(layout) -> 'GridLayout':
-    """From an `mcl_jax.montage.Layout` with layout='grid'."""
+    """From an `mcl_jax.pretext.montage.Layout` with layout='grid'."""
     if not layout.is_grid:
       raise ValueError('the PyTorch reference supports grid layouts only')
     return GridLayout(layout.image_size, layout.group_size,
@@ -84,7 +84,7 @@ class GridLayout:
 
 def assemble(crops: Sequence[torch.Tensor], layout: GridLayout,
              generator: torch.Generator | None = None):
-  """Torch montage assembly (spec section 2) of G groups.
+  """Torch montage assembly (docs/METHOD.md section 2) of G groups.
 
   crops[i]: [G * B, 3, S, S] crops of level i. Returns canvases
   [G * num_canvases, 3, S, S] (group-major) and per-level global labels.
@@ -315,7 +315,7 @@ class MCLTorch(nn.Module):
 
   @staticmethod
   def from_config(config) -> 'MCLTorch':
-    """Same shapes as `mcl_jax.model.create_model(config)`."""
+    """Same shapes as `mcl_jax.nn.model.create_model(config)`."""
     m = config.model
     return MCLTorch(
         num_levels=len(config.loss.level_weights), predictor_hidden=m.predictor_hidden,
@@ -340,7 +340,7 @@ def loss_from_canvases(model: MCLTorch, canvases: Sequence[torch.Tensor],
                        labels: Sequence[Sequence[torch.Tensor]], layout: GridLayout,
                        tau: float, level_weights: Sequence[float],
                        neck_regions: str = 'all'):
-  """The MCL loss (spec section 4) from pre-assembled canvases of both views.
+  """The MCL loss (docs/METHOD.md section 4) from pre-assembled canvases of both views.
 
   canvases: (view q, view k), each [G * num_canvases, 3, S, S] float32.
   labels: (view q, view k), each per level [G * T_i] int64 global labels.

@@ -1,4 +1,4 @@
-"""Montage assembly: crops downsampled and tiled onto canvases (MCL_SPEC.md section 2).
+"""Montage assembly: crops downsampled and tiled onto canvases (docs/METHOD.md section 2).
 
 A montage *group* is the set of `group_size` images that are mixed into one
 set of canvases (the reference mixes the 128 images of one GPU). Groups are

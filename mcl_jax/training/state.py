@@ -3,8 +3,8 @@
 Owns:
   * `TrainState`: online params and batch_stats, target params and
     batch_stats, optimizer state and step;
-  * the step count of a run (`total_steps`), the target's EMA momentum
-    schedule and the optimizer (built by `create_optimizer`);
+  * the step count of a run (`total_steps`) and the target's EMA momentum
+    schedule (the optimizer is optim.py's);
   * creating the state, concrete (`create_train_state`) or abstract for
     restoring (`abstract_train_state`), and the device mesh it lives on;
   * `apply_update`: one optimizer step plus the EMA of the target, the part
@@ -19,11 +19,8 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from mcl_jax import model as model_lib
-from mcl_jax import montage
-
-# The optimizer: LARS and the learning-rate schedule (MCL_SPEC.md section 5).
-from mcl_jax.optim import create_optimizer, decay_mask, lr_schedule, peak_lr  # noqa: F401
+from mcl_jax.nn import model as model_lib
+from mcl_jax.pretext import montage
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -36,12 +33,17 @@ class TrainState(flax.struct.PyTreeNode):
   opt_state: Any
 
 
-def total_steps(config) -> int:
-  """optim.num_steps, or num_epochs of the training set at global_batch."""
+def total_steps(config, num_examples: int) -> int:
+  """optim.num_steps, or num_epochs of `num_examples` images at global_batch.
+
+  Args:
+    config: the run's config.
+    num_examples: training examples (`DataSource.num_examples`); only the
+      epoch count needs it. Partial batches are dropped, as the stream does.
+  """
   if config.optim.num_steps:
     return int(config.optim.num_steps)
-  from mcl_jax import input_pipeline  # late: counting may need TensorFlow
-  per_epoch = input_pipeline.steps_per_epoch(config.data, config.optim.global_batch)
+  per_epoch = int(num_examples) // int(config.optim.global_batch)
   return int(config.optim.num_epochs * per_epoch)
 
 

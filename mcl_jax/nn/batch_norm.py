@@ -15,16 +15,21 @@ Statistics and normalisation run in float32, in the order of `nn.BatchNorm`
 ('flax': E[x^2] - E[x]^2 variance, x - mean times rsqrt(var + eps) * scale)
 or of the reference neck's per-level BN ('grouped': E[(x - mean)^2], times
 1 / sqrt(var + eps), then scale), so forward values are unchanged bit for bit.
+
+Two modules use it: `BatchNorm` (the backbone's and the FPN's, `nn.BatchNorm`'s
+names and statistics) and `GroupedBatchNorm` (the region neck's and the
+predictors': statistics per group of rows, one group per montage level, as
+the reference applies its neck once per level; docs/METHOD.md section 3).
 """
 
 import functools
-from typing import Any
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mcl_jax import remat
+from mcl_jax.nn import remat
 
 # PyTorch BatchNorm momentum 0.1 is Flax momentum 0.9; eps as in PyTorch.
 BN_MOMENTUM = 0.9
@@ -180,3 +185,49 @@ class BatchNorm(nn.Module):
       ra_mean.value = BN_MOMENTUM * ra_mean.value + (1 - BN_MOMENTUM) * mean
       ra_var.value = BN_MOMENTUM * ra_var.value + (1 - BN_MOMENTUM) * var
     return y
+
+
+class GroupedBatchNorm(nn.Module):
+  """BatchNorm whose batch statistics are computed per group of rows.
+
+  Scale and bias are shared (one module, as in the reference, which calls
+  the same layer per level). The running averages are updated once per
+  group, in group order, exactly as the reference's successive calls update
+  its buffers. Parameter and statistic names match `nn.BatchNorm`.
+  """
+  use_scale: bool = True
+  use_bias: bool = True
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, group_sizes: Sequence[int], train: bool = True, relu: bool = False):
+    """Normalises x [R, ..., C]; sum(group_sizes) == R; optionally applies a ReLU."""
+    c = x.shape[-1]
+    ra_mean = self.variable('batch_stats', 'mean', lambda: jnp.zeros((c,), jnp.float32))
+    ra_var = self.variable('batch_stats', 'var', lambda: jnp.ones((c,), jnp.float32))
+    if sum(group_sizes) != x.shape[0]:
+      raise ValueError(f'group sizes {tuple(group_sizes)} do not cover {x.shape[0]} rows')
+    scale = (self.param('scale', nn.initializers.ones, (c,), jnp.float32)
+             if self.use_scale else None)
+    bias = self.param('bias', nn.initializers.zeros, (c,), jnp.float32) if self.use_bias else None
+    if not train:
+      y = (x.astype(jnp.float32) - ra_mean.value) / jnp.sqrt(ra_var.value + BN_EPS)
+      y = _affine(y, scale, bias).astype(self.dtype)
+      return nn.relu(y) if relu else y
+    y, means, variances = normalize(
+        x, scale, bias, groups=group_sizes, style='grouped', relu=relu, dtype=self.dtype)
+    new_mean, new_var = ra_mean.value, ra_var.value
+    for mean, var in zip(means, variances):
+      new_mean = BN_MOMENTUM * new_mean + (1 - BN_MOMENTUM) * mean
+      new_var = BN_MOMENTUM * new_var + (1 - BN_MOMENTUM) * var
+    if not self.is_initializing():
+      ra_mean.value, ra_var.value = new_mean, new_var
+    return y
+
+
+def _affine(y, scale, bias):
+  if scale is not None:
+    y = y * scale
+  if bias is not None:
+    y = y + bias
+  return y

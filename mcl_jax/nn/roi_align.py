@@ -7,7 +7,6 @@ pixels; `spatial_scale` maps them onto the feature map.
 
 from typing import Sequence
 
-import jax
 import jax.numpy as jnp
 
 

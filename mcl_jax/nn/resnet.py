@@ -14,8 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mcl_jax import remat as remat_lib
-from mcl_jax.batch_norm import BN_EPS, BN_MOMENTUM, BatchNorm  # pylint: disable=unused-import
+from mcl_jax.nn import remat as remat_lib
+from mcl_jax.nn.batch_norm import BatchNorm
 
 # Kaiming normal, fan_out, for ReLU: torchvision's / the reference's conv init.
 conv_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
