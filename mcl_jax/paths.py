@@ -109,15 +109,33 @@ def emulated() -> bool:
 
 
 def _fs():
-  """The gcsfs file system of this process (listing cache off: Orbax writes
-  through tensorstore, which gcsfs's cache would not see)."""
+  """The gcsfs file system of this process: the very instance Orbax's epath uses,
+  with gcsfs's listing cache turned off.
+
+  gcsfs caches folder listings and answers later listings and existence
+  checks from them. The objects of a checkpoint change behind its back:
+  tensorstore writes the arrays, Orbax's other hosts write theirs, and this
+  module moves a corrupt checkpoint aside. A cached listing then shows steps
+  that are gone (Orbax tried to delete one twice) or hides new ones. Without
+  the cache every listing asks the server: a few requests per checkpoint.
+  """
   global _FS
   with _FS_LOCK:
     if _FS is None:
       _check_backends()
       import fsspec  # pylint: disable=import-outside-toplevel
-      _FS = fsspec.filesystem('gs', use_listings_cache=False, skip_instance_cache=True)
+      from fsspec import dircache  # pylint: disable=import-outside-toplevel
+      # etils.epath's gs:// backend asks for exactly this (fsspec keeps one
+      # instance per class and arguments); tests/test_paths.py checks it.
+      fs = fsspec.filesystem('gcs', finalize_on_close=True)
+      fs.dircache = dircache.DirCache(use_listings_cache=False)
+      _FS = fs
     return _FS
+
+
+def _fresh(path: str):
+  """gcsfs and the key of a gs:// path."""
+  return _fs(), _key(path)
 
 
 def _check_backends():
@@ -168,27 +186,30 @@ def exists(path) -> bool:
   """A file, or a folder (on gs://: any object under the prefix)."""
   if not is_cloud(path):
     return os.path.exists(path)
-  fs = _fs()
-  return fs.exists(_key(path))
+  fs, key = _fresh(path)
+  return fs.exists(key)
 
 
 def isdir(path) -> bool:
   """A folder (on gs://: a prefix holding at least one object)."""
   if not is_cloud(path):
     return os.path.isdir(path)
-  return _fs().isdir(_key(path))
+  fs, key = _fresh(path)
+  return fs.isdir(key)
 
 
 def isfile(path) -> bool:
   if not is_cloud(path):
     return os.path.isfile(path)
-  return _fs().isfile(_key(path))
+  fs, key = _fresh(path)
+  return fs.isfile(key)
 
 
 def getsize(path) -> int:
   if not is_cloud(path):
     return os.path.getsize(path)
-  return int(_fs().size(_key(path)))
+  fs, key = _fresh(path)
+  return int(fs.size(key))
 
 
 def makedirs(path):
@@ -201,8 +222,9 @@ def listdir(path) -> list[str]:
   """Names in a folder, sorted; [] if there is none."""
   if not is_cloud(path):
     return sorted(os.listdir(path)) if os.path.isdir(path) else []
+  fs, key = _fresh(path)
   try:
-    entries = _fs().ls(_key(path), detail=False)
+    entries = fs.ls(key, detail=False, refresh=True)
   except FileNotFoundError:
     return []
   prefix = _key(path) + '/'
@@ -215,7 +237,8 @@ def glob(pattern) -> list[str]:
   if not is_cloud(pattern):
     import glob as glob_lib  # pylint: disable=import-outside-toplevel
     return sorted(glob_lib.glob(pattern))
-  return sorted(GS + p for p in _fs().glob(_key(pattern)))
+  fs, key = _fresh(pattern.split('*')[0].rsplit('/', 1)[0])
+  return sorted(GS + p for p in fs.glob(_key(pattern)))
 
 
 def remove(path, missing_ok: bool = False):
@@ -238,9 +261,9 @@ def rmtree(path, missing_ok: bool = True):
     elif not missing_ok:
       raise FileNotFoundError(path)
     return
-  fs = _fs()
+  fs, key = _fresh(path)
   try:
-    fs.rm(_key(path), recursive=True)
+    fs.rm(key, recursive=True)
   except FileNotFoundError:
     if not missing_ok:
       raise
@@ -263,7 +286,7 @@ def move_tree(src, dst, marker: str | None = COMMIT_FILE):
   if not is_cloud(src):
     os.rename(src, dst)
     return
-  fs = _fs()
+  fs, _ = _fresh(src)
   for key in sorted(fs.find(_key(src))):
     fs.cp_file(key, _key(dst) + key[len(_key(src)):])
   if marker:
@@ -391,7 +414,7 @@ class AppendFile:
     fs, key = _fs(), _key(self.path)
     try:
       if self._exists is None:
-        self._exists = fs.exists(key)
+        self._exists = exists(self.path)
       if not self._exists:
         fs.pipe_file(key, data)
         self._exists = True
@@ -460,17 +483,22 @@ def check_credentials(path):
     raise StorageError(f'{path}: no Google Cloud credentials found: {CREDENTIALS_HELP}') from e
 
 
-def check_writable(path):
+def check_writable(path) -> bool:
   """Makes sure a run can write into folder `path`, or says why not (StorageError).
 
   Locally: creates the folder and a probe file (removed again). On gs://:
-  credentials, the bucket (never created here: a typo would make a new
-  bucket), then a probe object uploaded and deleted.
+  credentials (before any request), the bucket (never created here: a typo
+  would make a new bucket), then a probe object uploaded and deleted.
+
+  Returns:
+    Whether the folder was new: locally, created here; on gs://, holding no
+    object yet.
   """
   check_supported(path)
   if not is_cloud(path):
+    new = not os.path.exists(path)
     _check_local_writable(path)
-    return
+    return new
   check_credentials(path)
   bucket, _ = split(path)
   if not bucket:
@@ -483,12 +511,17 @@ def check_writable(path):
                        f'(gcloud storage buckets create gs://{bucket}) or fix the path') from e
   except OSError as e:
     raise _access_error(path, 'cannot be read', e) from e
+  try:
+    new = not exists(path)
+  except OSError as e:
+    raise _access_error(path, 'cannot be read', e) from e
   probe = join(path, f'.write_test_{uuid.uuid4().hex[:12]}')
   try:
     write_atomic(probe, b'')
     remove(probe)
   except (OSError, RuntimeError, ValueError) as e:
     raise _access_error(path, 'is not writable', e) from e
+  return new
 
 
 def _access_error(path, what: str, e: BaseException) -> StorageError:

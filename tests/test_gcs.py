@@ -208,7 +208,7 @@ def test_gs_tools(gs_run, tmp_path, capsys, monkeypatch):
     assert export.main(['--workdir', workdir, '--format', 'detectron2', '--out', out]) == 0
   with open(local, 'rb') as f:
     assert paths.read_bytes(workdir + '/export/mcl.pkl') == f.read()
-  assert 'backbone.bottom_up.stem.conv1.weight' in pickle.loads(
+  assert 'stem.conv1.weight' in pickle.loads(
       paths.read_bytes(workdir + '/export/mcl.pkl'))['model']
   p = subprocess.run([sys.executable, '-m', 'mcl_jax.visualize', '--config=configs/test_tiny.py',
                       f'--out={workdir}/crops.png', f'--montage_out={workdir}/montage_tool.png'],

@@ -28,6 +28,11 @@ def test_backends_are_forced_for_production_and_tests():
   assert os.environ['EPATH_USE_TF'] == '0'
   assert epath.Path('gs://bucket/x')._backend is backend.fsspec_backend  # pylint: disable=protected-access
   assert gcsfs.GCSFileSystem is core.GCSFileSystem
+  # One gcsfs instance, without a listing cache: what this module, tensorstore
+  # or another host changes in a checkpoint folder, Orbax's next listing sees.
+  fs = paths._fs()  # pylint: disable=protected-access
+  assert fs is backend.fsspec_backend.fs('gs://bucket/x')
+  assert not fs.dircache.use_listings_cache
 
 
 def test_write_read_list_remove(root):

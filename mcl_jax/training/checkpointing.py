@@ -41,8 +41,10 @@ class CheckpointError(RuntimeError):
   """A workdir whose checkpoints cannot be used."""
 
 
-def check_workdir(workdir: str):
+def check_workdir(workdir: str) -> bool:
   """Creates the workdir, or says clearly in one line why it cannot be used.
+
+  Returns whether it is new (created here; on gs://, no object under it yet).
 
   Local: writability is tested by creating (and removing) a file, not with
   os.access: that also catches read-only mounts, and is not fooled by root,
@@ -50,7 +52,7 @@ def check_workdir(workdir: str):
   the bucket, then a probe object (paths.check_writable).
   """
   try:
-    paths.check_writable(workdir)
+    return paths.check_writable(workdir)
   except paths.StorageError as e:
     if paths.is_cloud(workdir):  # the message says what to do
       raise CheckpointError(f'workdir {e}' if str(e).startswith('gs://') else str(e)) from e

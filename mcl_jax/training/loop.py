@@ -57,12 +57,13 @@ LOG_FILE = 'train.log'
 def train_and_evaluate(config, workdir: str) -> dict:
   """Runs (or resumes) pretraining in `workdir`. Returns the last metrics.
 
-  Order of the checks, all before anything is compiled and before the
-  workdir is created: the config (config_validation), the data source (a
-  missing dataset or folder fails here; tfds data is prepared here when
-  data.tfds_download_and_prepare asks for it), and a saved config.json of
-  another model shape (refused). Then the workdir is created (and checked
-  writable), the log file opened in it, and the newest readable checkpoint
+  Order of the checks, all before anything is compiled: the config
+  (config_validation) and the data source (a missing dataset or folder fails
+  here; tfds data is prepared here when data.tfds_download_and_prepare asks
+  for it), before the workdir is created; then the workdir (created and
+  checked writable; on gs:// the credentials, the bucket and a probe object)
+  and a saved config.json of another model shape (refused). Then the log
+  file is opened in it, and the newest readable checkpoint
   restored (unreadable ones are skipped, see checkpointing.restore_latest);
   metrics.jsonl is cut back to its step. A workdir this call created is
   removed again if the run fails before its first step is logged.
@@ -72,11 +73,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
   """
   config_validation.validate(config, jax.device_count(), jax.process_count())
   data = _open_data(config)
-  paths.check_supported(workdir)
-  created = not paths.exists(workdir)
-  checkpointing.check_workdir(workdir)
-  checkpointing.check_compatible(workdir, config)
+  created = checkpointing.check_workdir(workdir)
   try:
+    checkpointing.check_compatible(workdir, config)
     _open_log_file(workdir)
     num_steps = state_lib.total_steps(config, data.num_examples)
     run = _Run(config, workdir, data, state_lib.make_mesh(), num_steps,
