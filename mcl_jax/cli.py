@@ -314,7 +314,7 @@ _FILE_FORMAT = '%(asctime)s %(levelname).1s %(name)s %(filename)s:%(lineno)d] %(
 class _State:
   handlers: list = []
   buffer: logging.handlers.MemoryHandler | None = None
-  file: logging.Handler | None = None
+  file: '_AppendFileHandler | None' = None
 
 
 def setup_logging(verbose: bool = False):
@@ -371,15 +371,16 @@ def use_project_verbosity():
 
 
 class _AppendFileHandler(logging.Handler):
-  """The log file on gs:// (mcl_jax.paths.AppendFile): uploaded in batches.
+  """The log file, local or gs:// (an mcl_jax.paths.AppendFile).
 
-  GCS has no appends: `emit` only keeps the lines; they are uploaded by
-  `flush_log_file` (the training loop calls it after every step: at most
-  every `interval_s` seconds, and forced before each checkpoint) and when the
-  file is closed. Never from `emit`: the upload's own client logs from its
-  event-loop thread, which would wait for this handler's lock. A failed
-  upload keeps the lines for the next one and says so once on stderr
-  (logging from here would recurse).
+  Locally each record is written and flushed at once, as logging's
+  FileHandler does. On gs:// (GCS has no appends) `emit` only keeps the
+  lines; the AppendFile's own thread uploads them every `interval_s`
+  seconds, and `close` uploads the rest. Never from `emit` or `flush`:
+  logging calls those with the handler's lock held, and the storage client
+  logs from its event-loop thread during an upload. A failed upload keeps
+  the lines for the next one and says so once on stderr (logging it would
+  come back here).
   """
 
   def __init__(self, path: str, interval_s: float):
@@ -387,8 +388,7 @@ class _AppendFileHandler(logging.Handler):
     from mcl_jax import paths  # pylint: disable=import-outside-toplevel
     self.baseFilename = path
     self._storage_error = paths.StorageError
-    self._file = paths.AppendFile(path, min_interval_s=interval_s)
-    self._failing = False
+    self._file = paths.AppendFile(path, background_s=interval_s, on_error=_warn_stderr)
 
   def emit(self, record):
     try:
@@ -396,24 +396,22 @@ class _AppendFileHandler(logging.Handler):
     except Exception:  # pylint: disable=broad-except
       self.handleError(record)
 
-  def _upload(self, force: bool):
-    try:
-      self._file.flush(force=force)
-      self._failing = False
-    except self._storage_error as e:
-      if not self._failing:
-        print(f'warning: log file: {e}', file=sys.stderr, flush=True)
-      self._failing = True
-
   def flush(self):
-    """Nothing: logging calls this with the handler's lock held (see the class)."""
+    """Nothing more to do: see the class."""
 
   def close(self):
-    self._upload(force=True)
+    try:
+      self._file.close()
+    except self._storage_error as e:
+      _warn_stderr(e)
     super().close()
 
 
-# gs:// log file: one upload at most this often between checkpoints.
+def _warn_stderr(e: BaseException):
+  print(f'warning: log file: {one_line(e)}', file=sys.stderr, flush=True)
+
+
+# gs:// log file: uploaded this often.
 CLOUD_LOG_FLUSH_S = 30.0
 
 
@@ -427,10 +425,7 @@ def log_to_file(path: str) -> str | None:
   if _State.buffer is None:
     return None
   close_log_file()
-  if str(path).startswith('gs://'):
-    handler = _AppendFileHandler(path, CLOUD_LOG_FLUSH_S)
-  else:
-    handler = logging.FileHandler(path, mode='a')
+  handler = _AppendFileHandler(path, CLOUD_LOG_FLUSH_S)
   handler.setFormatter(logging.Formatter(_FILE_FORMAT))
   handler.setLevel(logging.DEBUG)
   for record in _State.buffer.buffer:
@@ -446,15 +441,6 @@ def log_to_file(path: str) -> str | None:
 def log_file() -> str | None:
   """The open log file's path, or None."""
   return _State.file.baseFilename if _State.file is not None else None
-
-
-def flush_log_file(force: bool = True):
-  """Makes the log file durable so far (gs://: uploads what is buffered;
-  not `force`d: only if CLOUD_LOG_FLUSH_S passed since the last upload)."""
-  if isinstance(_State.file, _AppendFileHandler):
-    _State.file._upload(force=force)  # pylint: disable=protected-access
-  elif _State.file is not None:
-    _State.file.flush()
 
 
 def close_log_file():

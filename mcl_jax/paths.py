@@ -32,13 +32,14 @@ GCS has no directories, no appends and no renames:
 * `write_atomic` uploads one object: a GCS upload is atomic (readers see the
   old object or the new one, never a part).
 * `AppendFile` gives append-only logs: locally a file opened with 'a' and
-  flushed on every write, as before; on gs:// the new bytes are buffered and
-  each flush uploads only them, as a temporary object that is then
-  concatenated onto the log with one server-side compose request (GCS's own
-  way of appending; the log is replaced atomically). Bytes uploaded per flush
-  are what was written since the last one: they do not grow with the log.
-  GCS allows about one update per second to one object, so flushes are
-  spaced (`min_interval_s`) except the forced ones.
+  flushed on every write, as before; on gs:// the new bytes are kept in
+  memory and each upload sends only them, as a temporary object that is
+  then concatenated onto the log with one server-side compose request (GCS's
+  own way of appending; the log object is replaced atomically). Bytes
+  uploaded per flush are what was written since the last one: they do not
+  grow with the log. Uploads run on a background thread every few seconds
+  (GCS takes about one update per second per object), plus the explicit
+  flushes a caller needs (metrics.jsonl before each checkpoint).
 * `move_tree` (a corrupt checkpoint moved aside) is os.rename locally and a
   copy then delete on gs://, not atomic: the source's commit marker is
   deleted first, so the source stops counting as a checkpoint at once.
@@ -294,6 +295,20 @@ def move_tree(src, dst, marker: str | None = COMMIT_FILE):
   rmtree(src)
 
 
+def disk_usage(path) -> tuple[int, int]:
+  """(files, bytes) under a folder, counted recursively."""
+  if not is_cloud(path):
+    files = total = 0
+    for folder, _, names in os.walk(path):
+      for name in names:
+        files += 1
+        total += os.path.getsize(os.path.join(folder, name))
+    return files, total
+  fs, key = _fresh(path)
+  sizes = fs.du(key, total=False)
+  return len(sizes), int(sum(sizes.values()))
+
+
 def read_bytes(path) -> bytes:
   if not is_cloud(path):
     with builtins.open(path, 'rb') as f:
@@ -352,29 +367,41 @@ class AppendFile:
 
   Locally: the file opened with 'a' (binary or text as `binary` says) and
   flushed after every write, exactly as a plain file. On gs:// writes are
-  buffered; `flush()` uploads what was written since the last flush and
-  appends it with a compose request, at most every `min_interval_s` seconds
-  unless `force`d. A failed upload keeps the bytes for the next flush and
-  raises StorageError. Process-local; one writer per file.
+  kept in memory; `flush()` uploads what was written since the last upload
+  and appends it with a compose request. With `background_s`, a daemon
+  thread also does that every `background_s` seconds, so that the writer
+  never waits for the network; an upload that fails there keeps the bytes
+  for the next one and is reported once through `on_error`. An explicit
+  `flush()` that fails raises StorageError (the bytes are kept as well).
+  Process-local; one writer per file.
 
   Attributes:
-    uploads, bytes_uploaded: gs:// flushes done and the bytes they sent.
+    uploads, bytes_uploaded: gs:// uploads done and the bytes they sent.
   """
 
-  def __init__(self, path: str, binary: bool = False, min_interval_s: float = 0.0):
-    self.path, self.binary, self.min_interval_s = str(path), binary, min_interval_s
+  def __init__(self, path: str, binary: bool = False, background_s: float | None = None,
+               on_error=None):
+    self.path, self.binary = str(path), binary
     self.cloud = is_cloud(path)
     self.uploads = self.bytes_uploaded = 0
-    # Writes only take _lock, briefly: a write never waits for an upload
-    # (a log record emitted by the upload's own client must not deadlock).
+    # Writes take _lock only, briefly, so a write never waits for an upload:
+    # the storage client logs from its own thread during an upload, and a
+    # log record written here must not wait for that upload to end.
     self._lock = threading.Lock()
     self._upload_lock = threading.Lock()
     self._pending = bytearray()
-    self._last = 0.0
     self._file = None
     self._exists = None
+    self._on_error = on_error
+    self._failing = False
+    self._stop = self._thread = None
     if not self.cloud:
       self._file = builtins.open(self.path, 'ab' if binary else 'a')
+    elif background_s:
+      self._stop = threading.Event()
+      self._thread = threading.Thread(target=self._uploader, args=(background_s,),
+                                      name=f'upload {basename(path)}', daemon=True)
+      self._thread.start()
 
   def write(self, data: str | bytes):
     if self._file is not None:
@@ -384,31 +411,31 @@ class AppendFile:
     with self._lock:
       self._pending += data.encode() if isinstance(data, str) else data
 
-  def flush(self, force: bool = True):
-    """Makes what was written durable (on gs://: uploads it, see the class).
-
-    Not forced: skipped within `min_interval_s` of the last upload, or while
-    another thread uploads.
-    """
+  def flush(self):
+    """Makes what was written durable: on gs://, uploads it (StorageError if that fails)."""
     if self._file is not None:
       self._file.flush()
       return
-    if not self._upload_lock.acquire(blocking=force):
-      return
-    try:
+    with self._upload_lock:
       with self._lock:
-        if not self._pending or (
-            not force and time.monotonic() - self._last < self.min_interval_s):
-          return
         data = bytes(self._pending)
+      if not data:
+        return
       self._append(data)
       with self._lock:
         del self._pending[:len(data)]
-      self._last = time.monotonic()
       self.uploads += 1
       self.bytes_uploaded += len(data)
-    finally:
-      self._upload_lock.release()
+
+  def _uploader(self, every_s: float):
+    while not self._stop.wait(every_s):
+      try:
+        self.flush()
+        self._failing = False
+      except StorageError as e:
+        if not self._failing and self._on_error is not None:
+          self._on_error(e)
+        self._failing = True
 
   def _append(self, data: bytes):
     fs, key = _fs(), _key(self.path)
@@ -434,15 +461,20 @@ class AppendFile:
 
   @property
   def pending(self) -> int:
+    """Bytes written but not uploaded yet (gs://)."""
     return len(self._pending)
 
   def close(self):
-    """Flushes (forced) and closes; on gs:// the buffer is kept if that fails."""
+    """Stops the uploader, uploads what is left (StorageError if that fails), closes."""
     if self._file is not None:
       self._file.close()
       self._file = None
       return
-    self.flush(force=True)
+    if self._thread is not None:
+      self._stop.set()
+      self._thread.join()
+      self._thread = None
+    self.flush()
 
 
 def remove_leftover_parts(folder):

@@ -16,7 +16,7 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 os.environ.setdefault('CUDA_VISIBLE_DEVICES', '')  # keep TensorFlow off any GPU
 
-from tests import gcs_server  # pylint: disable=wrong-import-position
+from mcl_jax.testing import gcs_server  # pylint: disable=wrong-import-position
 
 _GCS_PORT = gcs_server.free_port()
 _GCS_DIR = tempfile.mkdtemp(prefix='mcl_gcs_')

@@ -35,7 +35,7 @@ import time
 import pytest
 
 from mcl_jax import paths
-from tests import gcs_server
+from mcl_jax.testing import gcs_server
 from tests import subprocess_runs as runs
 
 # Orbax/TensorStore report failed reads of damaged files from a closed event loop.

