@@ -51,7 +51,6 @@ import os
 import posixpath
 import shutil
 import threading
-import time
 import uuid
 
 # Before anything imports gcsfs or asks etils for a gs:// backend (see above).
