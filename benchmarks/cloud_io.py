@@ -111,6 +111,50 @@ METRIC_KEYS = ('loss', 'loss_level0', 'loss_level1', 'loss_level2', 'loss_level3
                'target_momentum', 'grad_norm', 'param_norm', 'update_norm', 'images_per_sec')
 
 
+def _count_requests(server, workdir, state):
+  """HTTP requests to the bucket while save() blocks, until complete, and per metrics flush.
+
+  Through a counting proxy in front of the fake server (both gcsfs and
+  tensorstore read their endpoint from the environment at each request or
+  store they open), once: counts do not depend on the machine's load.
+  """
+  import threading  # pylint: disable=import-outside-toplevel
+  from mcl_jax.testing import gcs_server  # pylint: disable=import-outside-toplevel
+  from mcl_jax.training import checkpointing, logs  # pylint: disable=import-outside-toplevel
+  seen, lock = [], threading.Lock()
+
+  def count(method, path):
+    with lock:
+      seen.append((method, path.split('?')[0]))
+    return None
+
+  proxy = gcs_server.RefusingProxy(server.url, count)
+  saved = {k: os.environ[k] for k in ('STORAGE_EMULATOR_HOST', 'TENSORSTORE_GCS_HTTP_URL')}
+  os.environ.update({k: proxy.url for k in saved})
+  try:
+    manager = checkpointing.make_manager(workdir, 2)
+    checkpointing.save(manager, 1, state, force=True)  # the first save also makes folders
+    manager.wait_until_finished()
+    n0 = len(seen)
+    checkpointing.save(manager, 2, state, force=True)
+    n_block = len(seen) - n0
+    manager.wait_until_finished()
+    n_total = len(seen) - n0
+    manager.close()
+    writer = logs.MetricWriter(workdir + '/logs', 10, 4096)
+    writer.write(1, {k: 1.0 for k in METRIC_KEYS}, console=False)
+    writer.flush()
+    n1 = len(seen)
+    writer.write(2, {k: 1.0 for k in METRIC_KEYS}, console=False)
+    writer.flush()
+    n_flush = len(seen) - n1
+    writer.close()
+  finally:
+    os.environ.update(saved)
+    proxy.close()
+  return {'save_blocking': n_block, 'save_total': n_total, 'metrics_flush': n_flush}
+
+
 def _log_flushes(roots, steps, every):
   """A simulated run's logs: bytes and time of each flush at a checkpoint."""
   from mcl_jax import paths  # pylint: disable=import-outside-toplevel
@@ -171,6 +215,8 @@ def main():
     ckpt = _checkpoints(roots, abstract, state, args.rounds)
     roots = {'local': os.path.join(local_root, 'logs'), 'gs://': gs_root + '/logs'}
     logs_ = _log_flushes(roots, args.log_steps, args.checkpoint_every)
+    requests = (_count_requests(server, gs_root + '/count', state) if server is not None
+                else None)
   finally:
     shutil.rmtree(local_root, ignore_errors=True)
     if server is not None:
@@ -196,10 +242,14 @@ def main():
                    f'{f["tensorboard_s"] * 1e3:.1f}'])
   print(_table(rows, ['workdir', 'flush at step', 'metrics.jsonl bytes', 'metrics flush (ms)',
                       'events bytes', 'events flush (ms)']))
+  if requests:
+    print(f'\nrequests to the bucket: {requests["save_blocking"]} while save() blocks the '
+          f'loop, {requests["save_total"]} until the checkpoint is complete; '
+          f'{requests["metrics_flush"]} per metrics flush')
   if args.json:
     with open(args.json, 'w') as f:
       json.dump({'checkpoints': ckpt, 'logs': logs_, 'config': args.config,
-                 'where': where}, f, indent=1)
+                 'where': where, 'requests': requests}, f, indent=1)
   return 0
 
 
