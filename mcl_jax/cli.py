@@ -65,7 +65,7 @@ class MissingDependencyError(RuntimeError):
 USAGE_ERRORS = frozenset({'UsageError', 'ConfigError', 'ArgumentError'})
 RUNTIME_ERRORS = frozenset({'CheckpointError', 'DatasetNotFoundError', 'NonFiniteError',
                             'ExportError', 'MissingDependencyError', 'DenseEvalError',
-                            'SegmentationDataError'})
+                            'SegmentationDataError', 'StorageError'})
 
 
 def require(module: str, what_for: str, install: str):

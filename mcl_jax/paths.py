@@ -21,10 +21,11 @@ name, anything else a local (or mounted) path.
   control API about every bucket: neither can be pointed at a test server,
   so the tests would cover another code path than a real bucket gets. With
   both settings the code that talks to a real bucket is the code the tests
-  run against fake-gcs-server on 127.0.0.1 (tests/gcs_server.py); only the
-  endpoint (STORAGE_EMULATOR_HOST) and the credentials differ. The array
-  data of checkpoints is written by tensorstore's own GCS driver
-  (TENSORSTORE_GCS_HTTP_URL in tests), as Orbax does by itself.
+  run against fake-gcs-server on 127.0.0.1 (mcl_jax/testing/gcs_server.py);
+  only the endpoint (STORAGE_EMULATOR_HOST) and the credentials differ. The
+  array data of checkpoints is written by tensorstore's own GCS driver
+  (TENSORSTORE_GCS_HTTP_URL in tests), as Orbax does by itself. This module
+  and Orbax share one gcsfs instance, with its listing cache off (`_fs`).
 
 GCS has no directories, no appends and no renames:
 * `makedirs` is a no-op on gs:// (it never creates a bucket; `check_workdir`
@@ -37,9 +38,10 @@ GCS has no directories, no appends and no renames:
   then concatenated onto the log with one server-side compose request (GCS's
   own way of appending; the log object is replaced atomically). Bytes
   uploaded per flush are what was written since the last one: they do not
-  grow with the log. Uploads run on a background thread every few seconds
-  (GCS takes about one update per second per object), plus the explicit
-  flushes a caller needs (metrics.jsonl before each checkpoint).
+  grow with the log. Uploads run on a background thread every
+  `background_s` seconds (30 s for the run's logs; GCS takes about one
+  update per second per object), plus the explicit flushes a caller needs
+  (metrics.jsonl before each checkpoint).
 * `move_tree` (a corrupt checkpoint moved aside) is os.rename locally and a
   copy then delete on gs://, not atomic: the source's commit marker is
   deleted first, so the source stops counting as a checkpoint at once.
@@ -344,7 +346,13 @@ def write_atomic(path, data: str | bytes):
   """
   raw = data.encode() if isinstance(data, str) else bytes(data)
   if is_cloud(path):
-    _fs().pipe_file(_key(path), raw)
+    try:
+      _fs().pipe_file(_key(path), raw)
+    except FileNotFoundError as e:
+      raise StorageError(f'{path}: cannot be written: bucket gs://{split(path)[0]} does not '
+                         'exist') from e
+    except (OSError, RuntimeError, ValueError) as e:
+      raise StorageError(f'{path}: cannot be written ({describe(e)})') from e
     return
   tmp = f'{path}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp'
   try:
@@ -518,8 +526,11 @@ def check_writable(path) -> bool:
   """Makes sure a run can write into folder `path`, or says why not (StorageError).
 
   Locally: creates the folder and a probe file (removed again). On gs://:
-  credentials (before any request), the bucket (never created here: a typo
-  would make a new bucket), then a probe object uploaded and deleted.
+  credentials (before any request), then a probe object uploaded and
+  deleted. That needs only the object permissions a run needs anyway (not
+  the bucket's metadata), and tells a missing bucket (404 on the upload; it
+  is never created here: a typo would make a new bucket) from a write
+  refused (403) and refused credentials (401).
 
   Returns:
     Whether the folder was new: locally, created here; on gs://, holding no
@@ -534,25 +545,19 @@ def check_writable(path) -> bool:
   bucket, _ = split(path)
   if not bucket:
     raise StorageError(f'{path!r}: no bucket name (gs://BUCKET/path)')
-  fs = _fs()
+  probe = join(path, f'.write_test_{uuid.uuid4().hex[:12]}')
   try:
-    fs.info(bucket)
+    _fs().pipe_file(_key(probe), b'')
+    remove(probe)
   except FileNotFoundError as e:
     raise StorageError(f'bucket gs://{bucket} does not exist (workdir {path}): create it '
                        f'(gcloud storage buckets create gs://{bucket}) or fix the path') from e
-  except OSError as e:
-    raise _access_error(path, 'cannot be read', e) from e
-  try:
-    new = not exists(path)
-  except OSError as e:
-    raise _access_error(path, 'cannot be read', e) from e
-  probe = join(path, f'.write_test_{uuid.uuid4().hex[:12]}')
-  try:
-    write_atomic(probe, b'')
-    remove(probe)
   except (OSError, RuntimeError, ValueError) as e:
     raise _access_error(path, 'is not writable', e) from e
-  return new
+  try:
+    return not exists(path)
+  except (OSError, RuntimeError, ValueError) as e:
+    raise _access_error(path, 'cannot be listed', e) from e
 
 
 def _access_error(path, what: str, e: BaseException) -> StorageError:
