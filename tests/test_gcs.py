@@ -156,7 +156,8 @@ def gs_run(gcs):
   print(f'C: resumed from {max(complete)}; server stopped for 2 s after the save of step '
         f'{m.group(1)}; finished ({r.seconds:.1f}s); whole chain {time.monotonic() - t0:.1f}s')
   assert f'Resumed from the checkpoint of step {max(complete)}.' in out, out[-3000:]
-  return {'workdir': workdir, 'reference': ref, 'corrupt': s1, 'output': out}
+  return {'workdir': workdir, 'reference': ref, 'corrupt': s1, 'output': out, 'stopped': s1,
+          'resumed': max(complete)}
 
 
 def test_gs_chain_trains_as_an_uninterrupted_local_run(gs_run):
@@ -177,6 +178,31 @@ def test_gs_chain_trains_as_an_uninterrupted_local_run(gs_run):
   assert runs.checkpoint_steps(workdir) == [10, 12]
   top = _objects(workdir)
   assert not [o for o in top if '.append-' in o or '.write_test_' in o], top
+  # The TensorBoard files in the bucket are whole records: the points of the
+  # runs that closed their writer (A, C) are all there. (B's last 30 s went
+  # with the kill, as a local file's last 120 s would.)
+  steps = _tensorboard_steps(workdir, 'loss')
+  assert set(range(1, gs_run['stopped'] + 1)) <= steps, steps
+  assert set(range(gs_run['resumed'] + 1, runs.NUM_STEPS + 1)) <= steps, steps
+
+
+def _tensorboard_steps(workdir: str, tag: str) -> set[int]:
+  """Steps of `tag` in every event file of a gs:// workdir (TFRecord framing checked)."""
+  import struct  # pylint: disable=import-outside-toplevel
+  from tensorboardX.proto import event_pb2  # pylint: disable=import-outside-toplevel
+  steps = set()
+  for name in _objects(workdir):
+    if not name.startswith('events.out.tfevents.'):
+      continue
+    data, pos = paths.read_bytes(f'{workdir}/{name}'), 0
+    while pos < len(data):
+      (length,) = struct.unpack('<Q', data[pos:pos + 8])
+      record = data[pos + 12:pos + 12 + length]
+      assert len(record) == length, f'{name}: a record cut short at byte {pos}'
+      pos += 12 + length + 4
+      event = event_pb2.Event.FromString(record)
+      steps.update(event.step for v in event.summary.value if v.tag == tag)
+  return steps
 
 
 def test_gs_tools(gs_run, tmp_path, capsys, monkeypatch):
