@@ -49,7 +49,8 @@ def check_workdir(workdir: str) -> bool:
   Local: writability is tested by creating (and removing) a file, not with
   os.access: that also catches read-only mounts, and is not fooled by root,
   for whom os.access reports every directory writable. gs://: credentials,
-  the bucket, then a probe object (paths.check_writable).
+  then a probe object, which also tells a missing bucket from a refused
+  write (paths.check_writable).
   """
   try:
     return paths.check_writable(workdir)
