@@ -1,7 +1,7 @@
 """Test setup: 8 simulated CPU devices, set before jax is imported anywhere.
 
 Also points every Google Cloud Storage client at the fake-gcs-server that the
-`gcs` fixture starts on 127.0.0.1 (tests/gcs_server.py): the port is chosen
+`gcs` fixture starts on 127.0.0.1 (mcl_jax/testing/gcs_server.py): the port is chosen
 here, before google-auth, gcsfs or tensorstore are imported, and the
 environment is inherited by `python main.py` subprocesses.
 """
