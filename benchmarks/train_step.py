@@ -55,7 +55,7 @@ import warnings
 PRESETS = {
     # configs/test_tiny.py as it is: 32 px, ResNet-18-style (1, 1, 1, 1) trunk of width 8.
     'tiny': dict(base='test_tiny', batch=16, steps=10),
-    # configs/demo.py as it is: the digits demo's step (32 px, width 16, batch 64).
+    # configs/demo.py as it is: the digits demo's step (64 px, width 16, batch 64).
     'demo': dict(base='demo', batch=64, steps=10),
     # ResNet-50 + FPN-256 + full-size neck and predictors at 64 px (CPU-sized).
     'r50-small': dict(base='mcl_100ep', image_size=64, batch=32, group_size=32,
