@@ -13,6 +13,7 @@ from mcl_jax.pretext import losses
 from mcl_jax.training import step as step_lib
 from mcl_jax.training import state as state_lib
 from mcl_jax.training import optim
+from tests import tolerance
 
 
 def _np_supervised(logits, classes, weights, smoothing):
@@ -40,11 +41,24 @@ def test_supervised_loss_matches_numpy(smoothing):
   got, metrics = losses.supervised_loss([jnp.asarray(z) for z in logits],
                                         [jnp.asarray(y) for y in classes], weights, smoothing)
   want, per_level = _np_supervised(logits, classes, weights, smoothing)
-  np.testing.assert_allclose(float(got), want, rtol=1e-5)
+  # float32 against float64, per level: the logsumexp over the 10 classes (a
+  # sum of positive terms, relative to itself; an exp and a log), the
+  # smoothed target's sum over the classes and the mean over the tiles, both
+  # relative to the largest |log p| (|logits| + log 10); the total sums them.
+  t = lambda *a, **k: tolerance.tol(np.float32, *a, **k)
+  level_tols = []
+  for z, w in zip(logits, weights):
+    scale = 2 * np.abs(z).max() + np.log(10)
+    level_tols.append(w * (t(10, 1.0) + t(2 * tolerance.TRANSCENDENTAL, scale, worst_case=True)
+                           + t([10, len(z)], scale)))
+  tolerance.check(abs(float(got) - want), sum(level_tols), f'supervised loss, smoothing {smoothing}')
   for i, w in enumerate(per_level):
-    np.testing.assert_allclose(float(metrics[f'loss_level{i}']), w, rtol=1e-5)
+    tolerance.check(abs(float(metrics[f'loss_level{i}']) - w), level_tols[i],
+                    f'supervised loss level {i}, smoothing {smoothing}')
+    # A count of correct tiles (exact) divided by the tile count: one rounding.
     acc = (logits[i].argmax(1) == classes[i]).mean()
-    np.testing.assert_allclose(float(metrics[f'acc_level{i}']), acc, rtol=1e-6)
+    tolerance.check(abs(float(metrics[f'acc_level{i}']) - acc), t(1, acc, worst_case=True),
+                    f'supervised accuracy level {i}')
 
 
 def test_supervised_config():
