@@ -237,3 +237,11 @@ def test_a_failed_start_removes_only_the_workdir_it_created(existed, tmp_path, m
     loop.train_and_evaluate(config, str(workdir))
   assert (sorted(os.listdir(workdir)) == ['checkpoints', 'notes.txt'] if existed
           else not workdir.exists())
+
+
+def test_the_tensorboard_command_the_console_names_is_installed():
+  """The start-up line says `tensorboard --logdir WORKDIR`: requirements.txt installs it."""
+  import importlib.metadata  # pylint: disable=import-outside-toplevel
+  scripts = importlib.metadata.entry_points(group='console_scripts', name='tensorboard')
+  assert scripts, 'no `tensorboard` command: add tensorboard to requirements.txt'
+  assert 'tensorboard' in {s.dist.name.lower() for s in scripts}
