@@ -81,6 +81,12 @@ def unit_roundoff(dtype) -> float:
   return float(np.finfo(dtype).eps) / 2
 
 
+def gamma(m: float, dtype=np.float32) -> float:
+  """Higham's gamma_m = m u / (1 - m u): the relative bound of m roundings."""
+  u = unit_roundoff(dtype)
+  return m * u / (1 - m * u)
+
+
 def tol(dtype, n: int | Sequence[int] = 1, scale: float = 1.0, *, sides: int = 1,
         worst_case: bool = False, walk: bool = False) -> float:
   """The tolerance of a computation in `dtype` against a reference.
@@ -93,7 +99,7 @@ def tol(dtype, n: int | Sequence[int] = 1, scale: float = 1.0, *, sides: int = 1
       result's RMS for terms of random sign), 1 for normalised values.
     sides: 1 against an exact or float64 reference, 2 when both compared
       values are rounded in `dtype`.
-    worst_case: u * sum(n) * scale (a bound) instead of the random-walk
+    worst_case: gamma_{sum(n)} * scale (a bound) instead of the random-walk
       estimate SAFETY * u * sum(sqrt(n)) * scale.
     walk: a long chain of independent stages, SAFETY * u * sqrt(sum(n)) * scale.
 
@@ -104,7 +110,7 @@ def tol(dtype, n: int | Sequence[int] = 1, scale: float = 1.0, *, sides: int = 1
   assert lengths and all(k >= 1 for k in lengths), n
   u = unit_roundoff(dtype)
   if worst_case:
-    per_side = u * sum(lengths)
+    per_side = gamma(sum(lengths), dtype)
   elif walk:
     per_side = SAFETY * u * math.sqrt(sum(lengths))
   else:
@@ -129,7 +135,7 @@ def network_chain(params, bn_rows: int, elementwise: int = 4) -> list[int]:
   return chain
 
 
-def _record(what: str, err: float, bound: float):
+def record(what: str, err: float, bound: float):
   path = os.environ.get('MCL_TOL_REPORT')
   if not path:
     return
@@ -143,7 +149,7 @@ def check(err: float, bound: float, what: str) -> float:
   """Asserts err <= bound; prints and records the margin. Returns err."""
   err, bound = float(err), float(bound)
   print(f'{what}: error {err:.2e} (tol {bound:.2e}, {err / bound if bound else 0:.2f} of it)')
-  _record(what, err, bound)
+  record(what, err, bound)
   assert err <= bound, f'{what}: error {err:.3e} > tol {bound:.3e}'
   return err
 
@@ -166,5 +172,5 @@ def assert_close(got, want, atol: float, rtol: float = 0.0, what: str = 'values'
   where = f' at {tuple(int(k) for k in i)}: got {got[i]!r}, want {want[i]!r}' if err[i] > bound[
       i] else ''
   print(f'{what}: worst error {err[i]:.2e} (tol {bound[i]:.2e}, {ratio[i]:.2f} of it)')
-  _record(what, float(err[i]), float(bound[i]))
+  record(what, float(err[i]), float(bound[i]))
   assert err[i] <= bound[i], f'{what}: error {err[i]:.3e} > tol {bound[i]:.3e}{where}'
