@@ -12,6 +12,7 @@ from mcl_jax import cli
 from mcl_jax import dense_eval as dense_eval_cmd
 from mcl_jax.eval import dense_eval
 from mcl_jax.data import segmentation as sd
+from tests import tolerance
 
 
 # ------------------------------------------------------------- digit scenes --
@@ -22,9 +23,19 @@ def test_resize_matrices_match_jax_image_resize():
   for n_in, n_out in ((8, 8), (8, 13), (8, 32), (2, 16), (16, 64)):
     x = rng.normal(size=(n_in, n_in))
     want = jax.image.resize(jnp.asarray(x), (n_out, n_out), 'linear', antialias=False)
-    np.testing.assert_allclose(sd.resize_digit(x, n_out), np.asarray(want), atol=1e-5)
+    # jax's float32 resize: x rounded to float32, per axis 2 taps (two
+    # products, a sum) whose weights (>= 0, summing to 1) come from a sample
+    # position of 3 roundings of values up to n_in: an absolute weight error
+    # of 3 u n_in, times a tap difference of up to 2 max |x|. The float32
+    # matrices add one rounding per weight and axis on the other side.
+    t = lambda n, scale: tolerance.tol(np.float32, n, scale, worst_case=True)
+    tol = t(1 + 2 * 3, np.abs(x).max()) + 2 * t(3, n_in) * 2 * np.abs(x).max()
+    tolerance.assert_close(sd.resize_digit(x, n_out), want, atol=tol,
+                           what=f'resize_digit {n_in} -> {n_out}')
     m = dense_eval.resize_matrix(n_in, n_out)
-    np.testing.assert_allclose(m @ x @ m.T, np.asarray(want), atol=1e-5)
+    tolerance.assert_close(m @ x @ m.T, want,
+                           atol=tol + tolerance.tol(np.float32, 2, np.abs(x).max(), worst_case=True),
+                           what=f'resize_matrix {n_in} -> {n_out}')
 
 
 @pytest.fixture(scope='module')
@@ -126,8 +137,12 @@ def test_probe_logits_equal_upsample_concat_conv():
   want = jax.image.resize(x @ params['kernel'] + params['bias'], (2, 32, 32, 7), 'linear',
                           antialias=False)
   got = dense_eval.probe_logits(params, maps, (32, 32))
-  np.testing.assert_allclose(np.asarray(got).transpose(0, 2, 3, 1), np.asarray(want),
-                             rtol=1e-4, atol=1e-4)
+  # Two float32 orders of the same linear map: the 1x1 conv over 14 (or a
+  # map's 2-5) channels, two bilinear resizes of 2 taps per axis (4 sums of
+  # 2), the sum over 4 maps; relative to the largest logit.
+  tol = tolerance.tol(np.float32, [14, 2, 2, 2, 2, 4], np.abs(np.asarray(want)).max(), sides=2)
+  tolerance.assert_close(np.asarray(got).transpose(0, 2, 3, 1), want, atol=tol,
+                         what='probe logits vs upsample, concat, conv')
 
 
 def test_cross_entropy_ignores_255():
