@@ -13,6 +13,15 @@ The reference run (1 process, 2 simulated CPU devices, uninterrupted) is run
 once per session, keeping every checkpoint, and serves both files: resume
 runs are compared with it, and so is the 2-process run (same global batch).
 
+The runs compile with the XLA flags of the pytest process (a float path
+chosen by the caller, scripts/float_paths.py), with the device count and
+the optimisation level replaced as above.
+
+Two runs of the same program on the same state (a resumed run and the
+uninterrupted one; two processes and one process with the same per-device
+work) are expected to agree bit for bit; the comparisons allow each value
+one final rounding on each side (`same_up_to_rounding`, tests/tolerance.py).
+
 Environment knobs (for reproducing a failure):
   MCL_TEST_KILL_STEP, MCL_TEST_STOP_STEPS  fix the random steps of the
                                            kill / signal tests;
@@ -62,13 +71,19 @@ def cache_dir() -> str:
   return os.environ.get('MCL_TEST_JAX_CACHE') or os.path.join(root(), 'jax_cache')
 
 
+# Flags env() sets itself; any other XLA flag of this process is passed on.
+_OWN_FLAGS = ('--xla_force_host_platform_device_count', '--xla_backend_optimization_level')
+
+
 def env(num_devices: int, **extra) -> dict:
   e = dict(os.environ)
+  inherited = [f for f in os.environ.get('XLA_FLAGS', '').split()
+               if not f.startswith(_OWN_FLAGS)]
   e.update(
       JAX_PLATFORMS='cpu', CUDA_VISIBLE_DEVICES='', TF_CPP_MIN_LOG_LEVEL='2',
       PYTHONUNBUFFERED='1',
-      XLA_FLAGS=(f'--xla_force_host_platform_device_count={num_devices} '
-                 '--xla_backend_optimization_level=0'),
+      XLA_FLAGS=' '.join([f'--xla_force_host_platform_device_count={num_devices}',
+                          '--xla_backend_optimization_level=0', *inherited]),
       JAX_COMPILATION_CACHE_DIR=cache_dir(),
       JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
       JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='-1')
@@ -211,6 +226,45 @@ def max_abs_diff(a, b) -> float:
 
 def loss_diffs(got: dict[int, dict], want: dict[int, dict], steps) -> dict[int, float]:
   return {s: abs(got[s]['loss'] - want[s]['loss']) for s in steps}
+
+
+def rounding_tol(value: float) -> float:
+  """One float32 rounding of `value` on each side: the same program's result."""
+  from tests import tolerance  # pylint: disable=g-import-not-at-top
+  return tolerance.tol(np.float32, 1, abs(value), sides=2, worst_case=True)
+
+
+def same_up_to_rounding(got: dict[int, dict], want: dict[int, dict], steps, keys, label: str):
+  """Logged values of two runs of the same program: each within rounding_tol."""
+  from tests import tolerance  # pylint: disable=g-import-not-at-top
+  worst, where = -1.0, None
+  for s in steps:
+    for k in keys:
+      ratio = abs(got[s][k] - want[s][k]) / rounding_tol(want[s][k])
+      if ratio > worst:
+        worst, where = ratio, (s, k)
+  s, k = where
+  tolerance.check(abs(got[s][k] - want[s][k]), rounding_tol(want[s][k]),
+                  f'{label}: step {s} {k}, the worst of steps {min(steps)}..{max(steps)}')
+
+
+def same_state_up_to_rounding(a, b, label: str):
+  """Two TrainStates (host arrays): every leaf within one rounding of its
+  largest entry on each side."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from tests import tolerance  # pylint: disable=g-import-not-at-top
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  worst, where = -1.0, None
+  for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b)):
+    if not np.size(x):
+      continue
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    err, bound = float(np.max(np.abs(x - y))), rounding_tol(float(np.max(np.abs(y))))
+    ratio = err / bound if bound else (0.0 if err == 0 else np.inf)
+    if ratio > worst:
+      worst, where = ratio, (jax.tree_util.keystr(path), err, bound)
+  name, err, bound = where
+  tolerance.check(err, bound, f'{label}: TrainState, the worst leaf {name}')
 
 
 def free_port() -> int:

@@ -82,8 +82,12 @@ def unit_roundoff(dtype) -> float:
 
 
 def gamma(m: float, dtype=np.float32) -> float:
-  """Higham's gamma_m = m u / (1 - m u): the relative bound of m roundings."""
+  """Higham's gamma_m = m u / (1 - m u): the relative bound of m roundings.
+
+  For an integer dtype, m roundings to the grid: m / 2, absolute."""
   u = unit_roundoff(dtype)
+  if np.issubdtype(np.dtype(dtype), np.integer):
+    return m * u
   return m * u / (1 - m * u)
 
 
