@@ -83,7 +83,9 @@ def test_one_step_on_one_and_eight_devices_agree():
                                        before.params, s1.params))
   assert max(moved) > 0
   m0 = float(state_lib.ema_momentum(0, 10, config.optim.ema_base_momentum))
-  assert m0 == pytest.approx(config.optim.ema_base_momentum)
+  assert m0 == pytest.approx(config.optim.ema_base_momentum,
+                             rel=tolerance.tol(F32, 3 + tolerance.TRANSCENDENTAL + 4,
+                                               worst_case=True))  # as in test_schedules
   expect = optax.incremental_update(model_lib.encoder_subtree(s1.params),
                                     before.target_params, 1.0 - m0)
   # m t + (1 - m) w on both sides: three roundings each, relative to the terms.
