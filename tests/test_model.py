@@ -179,7 +179,8 @@ def test_resnet_matches_torch_padding(block, size):
     ((8, 8), 3, 2, 1)])  # the last one has 4 x 4 outputs: XLA's convolution
 def test_conv_dense_path_matches_xla_convolution(hw, k, stride, padding):
   """resnet.Conv's matmul path for <= 2x2 outputs equals lax's convolution,
-  forward and both gradients (random inputs and kernels, tol 1e-5 relative)."""
+  forward and both gradients (random inputs and kernels; tolerance relative
+  to the largest value, module docstring)."""
   from mcl_jax.nn import resnet
   rng = np.random.default_rng(sum(hw) * 10 + k)
   pads = padding if isinstance(padding, tuple) else (padding, padding)
