@@ -153,7 +153,8 @@ def test_assemble_under_jit(grid_layout):
 @pytest.mark.parametrize('axis_type', ['default', 'auto'])
 def test_sharded_assemble_matches_unsharded(grid_layout, axis_type):
   """8 devices, one group each; the default make_mesh has Explicit axes."""
-  assert jax.device_count() == 8
+  if jax.device_count() < 8:  # tests/conftest.py simulates 8 unless XLA_FLAGS is set outside
+    pytest.skip(f'needs 8 devices, has {jax.device_count()}')
   if axis_type == 'default':
     mesh = jax.make_mesh((8,), ('data',))
   else:
