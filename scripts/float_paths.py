@@ -20,6 +20,8 @@ Paths:
   sse4       kernels compiled for SSE4.2 (--xla_cpu_max_isa=SSE4_2): the
              matmul and conv kernels of a CPU without AVX, other vector
              widths and so other summation orders
+  llvm_o3    LLVM's optimisation on, as outside the tests (the suite turns it
+             off to compile faster)
 """
 
 import argparse
@@ -33,13 +35,15 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEVICES8 = '--xla_force_host_platform_device_count=8'
+# tests/conftest.py adds --xla_force_host_platform_device_count=8 and
+# --xla_backend_optimization_level=0 where XLA_FLAGS does not set them.
 # name: (command prefix, XLA_FLAGS)
 PATHS = {
-    'default': ([], DEVICES8),
-    'one_core': (['taskset', '-c', '0'], DEVICES8),
+    'default': ([], ''),
+    'one_core': (['taskset', '-c', '0'], ''),
     'devices4': ([], '--xla_force_host_platform_device_count=4'),
-    'sse4': ([], f'{DEVICES8} --xla_cpu_max_isa=SSE4_2'),
+    'sse4': ([], '--xla_cpu_max_isa=SSE4_2'),
+    'llvm_o3': ([], '--xla_backend_optimization_level=3'),
 }
 
 

@@ -22,13 +22,14 @@ SIAM J. Sci. Comput. 2019):
   RMS of the result (a conv output, a normalised activation); for terms of
   one sign (a mean of positive values) it is the result itself. XLA's
   blocked and pairwise summation only lowers it, so sqrt(n) is the
-  conservative order. The worst case, n * u * scale (Higham's gamma_n), is
+  conservative order. The worst case, gamma_n * scale (Higham's gamma_n =
+  n u / (1 - n u); for integers n * 0.5, absolute), is
   the form for short chains of elementwise operations and wherever the
   errors need not be random (`worst_case=True`); it is a bound, so it takes
   no safety factor.
 * The random-walk estimate is one standard deviation, and a test asserts on
   the largest error over up to ~1e5 outputs: the largest of 1e5 normal
-  draws is about 4.5 sigma (sqrt(2 ln 1e5) = 4.8). SAFETY = 8 covers that
+  draws stays below 5 sigma (sqrt(2 ln 1e5) = 4.8). SAFETY = 8 covers that
   with a factor below 2 for what the model leaves out (correlated operands,
   a reduction that XLA splits into one more stage). It is deliberately no
   larger: a tolerance 10x above the rounding would hide a real error of
