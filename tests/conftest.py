@@ -1,5 +1,5 @@
 """Test setup, before jax is imported anywhere: 8 simulated CPU devices, LLVM
-optimisation off; xdist groups.
+optimisation off; a scratch directory that pytest-xdist workers share.
 
 XLA_FLAGS from the environment are kept (scripts/float_paths.py sets some);
 each of these two is added only where the environment does not set it:
@@ -10,15 +10,16 @@ each of these two is added only where the environment does not set it:
   two), which this cuts by about a third; the HLO, and so the arithmetic,
   is the same (tests/subprocess_runs.py's main.py runs always used it).
 
-Under pytest-xdist (`-n 2 --dist loadgroup`, the README's test command),
-every test runs on the worker of its file (module fixtures, compiled once
-per file), and the files that start main.py and share its reference run
-(tests/subprocess_runs.py) run on one worker together.
+Under pytest-xdist (`-n 2 --dist loadfile`, the README's test command) each
+file runs on one worker (its module fixtures compile once), and the
+workers share one scratch directory (MCL_TEST_RUNS_ROOT, made here by the
+first process and removed by it at the end), so the main.py reference run
+of tests/subprocess_runs.py and its compilation cache are made once.
 """
 
 import os
-
-import pytest
+import shutil
+import tempfile
 
 _DEFAULT_FLAGS = (('--xla_force_host_platform_device_count', '8'),
                   ('--xla_backend_optimization_level', '0'))
@@ -31,21 +32,14 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 os.environ.setdefault('CUDA_VISIBLE_DEVICES', '')  # keep TensorFlow off any GPU
 
-# Files whose tests start main.py and share tests/subprocess_runs.reference().
-MAIN_PY_FILES = ('test_cli.py', 'test_device_crops.py', 'test_distributed.py',
-                 'test_imagenet_tfds.py', 'test_reliability.py')
-
 
 def pytest_configure(config):
-  # pytest-xdist registers it too; this keeps a run without xdist warning-free.
-  config.addinivalue_line('markers', 'xdist_group(name): run on one xdist worker together')
+  if not os.environ.get('MCL_TEST_RUNS_ROOT'):  # the controller, or a run without xdist
+    os.environ['MCL_TEST_RUNS_ROOT'] = tempfile.mkdtemp(prefix='mcl_runs_')
+    config.mcl_runs_root = os.environ['MCL_TEST_RUNS_ROOT']
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
-def pytest_collection_modifyitems(config, items):
-  del config
-  for item in items:
-    if item.get_closest_marker('xdist_group'):
-      continue
-    name = os.path.basename(str(item.fspath))
-    item.add_marker(pytest.mark.xdist_group('main_py' if name in MAIN_PY_FILES else name))
+def pytest_unconfigure(config):
+  root = getattr(config, 'mcl_runs_root', None)
+  if root:
+    shutil.rmtree(root, ignore_errors=True)

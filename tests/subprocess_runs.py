@@ -10,7 +10,8 @@ run) and every other run loads it. The numbers are those of the same program
 either way; only compile time changes.
 
 The reference run (1 process, 2 simulated CPU devices, uninterrupted) is run
-once per session, keeping every checkpoint, and serves both files: resume
+once per session (once for all pytest-xdist workers), keeping every
+checkpoint, and serves every file that starts main.py: resume
 runs are compared with it, and so is the 2-process run (same global batch).
 
 The runs compile with the XLA flags of the pytest process (a float path
@@ -30,6 +31,7 @@ Environment knobs (for reproducing a failure):
 """
 
 import atexit
+import fcntl
 import json
 import os
 import re
@@ -59,11 +61,18 @@ _REFERENCE = None
 
 
 def root() -> str:
-  """A scratch directory for the whole pytest session."""
+  """A scratch directory for the whole pytest session.
+
+  tests/conftest.py makes it (MCL_TEST_RUNS_ROOT) and removes it at the end;
+  pytest-xdist's workers inherit it, so they share the reference run and
+  the compilation cache.
+  """
   global _ROOT
   if _ROOT is None:
-    _ROOT = tempfile.mkdtemp(prefix='mcl_runs_')
-    atexit.register(shutil.rmtree, _ROOT, True)
+    _ROOT = os.environ.get('MCL_TEST_RUNS_ROOT')
+    if not _ROOT:  # imported outside the suite
+      _ROOT = tempfile.mkdtemp(prefix='mcl_runs_')
+      atexit.register(shutil.rmtree, _ROOT, True)
   return _ROOT
 
 
@@ -102,7 +111,7 @@ class Run:
   def __init__(self, workdir: str, *extra: str, devices: int = 2, name: str = 'run',
                env_extra: dict | None = None):
     self.workdir = workdir
-    self.log_path = os.path.join(root(), f'{name}-{time.monotonic_ns()}.log')
+    self.log_path = os.path.join(root(), f'{name}-{os.getpid()}-{time.monotonic_ns()}.log')
     self._log = open(self.log_path, 'w')
     self.started = time.monotonic()
     self.proc = subprocess.Popen(command(workdir, *extra), cwd=REPO,
@@ -285,15 +294,29 @@ def reference() -> dict:
   global _REFERENCE
   if _REFERENCE is None:
     workdir = os.path.join(root(), 'reference')
-    r = run(workdir, '--config.checkpoint_every=1', f'--config.keep_checkpoints={NUM_STEPS}',
-            name='reference')
-    assert r.rc == 0, r.tail()
+    done = os.path.join(root(), 'reference.json')
+    # One run for every xdist worker: the first to get here runs it, the
+    # others wait for it and read what it wrote.
+    with open(os.path.join(root(), 'reference.lock'), 'w') as lock:
+      fcntl.flock(lock, fcntl.LOCK_EX)
+      if not os.path.exists(done):
+        assert not os.path.exists(workdir), 'the reference run failed in another worker'
+        r = run(workdir, '--config.checkpoint_every=1',
+                f'--config.keep_checkpoints={NUM_STEPS}', name='reference')
+        assert r.rc == 0, r.tail()
+        print(f'\nreference run: {r.seconds:.1f}s (includes compiling the train step)')
+        with open(done + '.tmp', 'w') as f:
+          json.dump({'seconds': r.seconds, 'log': r.log_path}, f)
+        os.replace(done + '.tmp', done)
+      with open(done) as f:
+        info = json.load(f)
     m = metrics_by_step(workdir)
     assert sorted(m) == list(range(1, NUM_STEPS + 1)), sorted(m)
     assert all(np.isfinite(v['loss']) for v in m.values())
-    _REFERENCE = {'workdir': workdir, 'metrics': m, 'seconds': r.seconds,
-                  'output': r.output()}
-    print(f'\nreference run: {r.seconds:.1f}s (includes compiling the train step)')
+    with open(info['log']) as f:
+      output = f.read()
+    _REFERENCE = {'workdir': workdir, 'metrics': m, 'seconds': info['seconds'],
+                  'output': output}
   return _REFERENCE
 
 
