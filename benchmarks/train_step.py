@@ -28,7 +28,7 @@ epochs).
 With --ab, a baseline and a variant config are both compiled and their steps
 alternated in one process (the way to measure an option's saving on a shared
 machine). `--ab crop_on=device[,max_side=M]` measures what cutting the crops in
-the step (mcl_jax/device_crops.py) adds to it. --small-map-convs xla (or --ab small_map_convs=xla) puts the convs
+the step (mcl_jax/data/device_crops.py) adds to it. --small-map-convs xla (or --ab small_map_convs=xla) puts the convs
 with <= 2x2 outputs back on XLA's convolution instead of resnet.Conv's dense
 matmuls, for before/after timings; see docs/PERFORMANCE.md.
 

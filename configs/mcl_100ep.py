@@ -49,7 +49,7 @@ def get_config():
   # Where the random-resized crops are cut and resized. 'host': the host sends
   # num_crops uint8 crops per image. 'device': the host only decodes (the
   # union of the crop windows, downscaled to max_side if longer) and sends
-  # one padded max_side^2 buffer + the windows; mcl_jax/device_crops.py cuts
+  # one padded max_side^2 buffer + the windows; mcl_jax/data/device_crops.py cuts
   # and resizes them inside the train step.
   # 'device' because it feeds an accelerator about 4x more images per host
   # core at the same crops (docs/PERFORMANCE.md section 8, issue 14): on

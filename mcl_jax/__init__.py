@@ -8,4 +8,9 @@ set of variables), `training` (state, step, the loop, checkpoints).
 top-level `evaluate`, `dense_eval`, `export` and `visualize` are the
 command lines (`python -m mcl_jax.X`); `main.py` is the training one.
 The method as implemented is docs/METHOD.md.
+
+`paths` is imported first: it fixes which storage clients handle gs:// paths
+(etils epath and gcsfs read those settings once; see mcl_jax/paths.py).
 """
+
+from mcl_jax import paths as _paths  # noqa: F401  pylint: disable=unused-import

@@ -65,7 +65,7 @@ class MissingDependencyError(RuntimeError):
 USAGE_ERRORS = frozenset({'UsageError', 'ConfigError', 'ArgumentError'})
 RUNTIME_ERRORS = frozenset({'CheckpointError', 'DatasetNotFoundError', 'NonFiniteError',
                             'ExportError', 'MissingDependencyError', 'DenseEvalError',
-                            'SegmentationDataError'})
+                            'SegmentationDataError', 'StorageError'})
 
 
 def require(module: str, what_for: str, install: str):
@@ -314,7 +314,7 @@ _FILE_FORMAT = '%(asctime)s %(levelname).1s %(name)s %(filename)s:%(lineno)d] %(
 class _State:
   handlers: list = []
   buffer: logging.handlers.MemoryHandler | None = None
-  file: logging.FileHandler | None = None
+  file: '_AppendFileHandler | None' = None
 
 
 def setup_logging(verbose: bool = False):
@@ -370,8 +370,53 @@ def use_project_verbosity():
     root.removeHandler(handler)
 
 
+class _AppendFileHandler(logging.Handler):
+  """The log file, local or gs:// (an mcl_jax.paths.AppendFile).
+
+  Locally each record is written and flushed at once, as logging's
+  FileHandler does. On gs:// (GCS has no appends) `emit` only keeps the
+  lines; the AppendFile's own thread uploads them every `interval_s`
+  seconds, and `close` uploads the rest. Never from `emit` or `flush`:
+  logging calls those with the handler's lock held, and the storage client
+  logs from its event-loop thread during an upload. A failed upload keeps
+  the lines for the next one and says so once on stderr (logging it would
+  come back here).
+  """
+
+  def __init__(self, path: str, interval_s: float):
+    super().__init__()
+    from mcl_jax import paths  # pylint: disable=import-outside-toplevel
+    self.baseFilename = path
+    self._storage_error = paths.StorageError
+    self._file = paths.AppendFile(path, background_s=interval_s, on_error=_warn_stderr)
+
+  def emit(self, record):
+    try:
+      self._file.write(self.format(record) + '\n')
+    except Exception:  # pylint: disable=broad-except
+      self.handleError(record)
+
+  def flush(self):
+    """Nothing more to do: see the class."""
+
+  def close(self):
+    try:
+      self._file.close()
+    except self._storage_error as e:
+      _warn_stderr(e)
+    super().close()
+
+
+def _warn_stderr(e: BaseException):
+  print(f'warning: log file: {one_line(e)}', file=sys.stderr, flush=True)
+
+
+# gs:// log file: uploaded this often.
+CLOUD_LOG_FLUSH_S = 30.0
+
+
 def log_to_file(path: str) -> str | None:
-  """Starts writing the full log (library INFO included) to `path`.
+  """Starts writing the full log (library INFO included) to `path` (local or gs://).
 
   What was logged since `setup_logging` is written first. Does nothing
   unless `setup_logging` ran (library code and tests log as they please).
@@ -380,7 +425,7 @@ def log_to_file(path: str) -> str | None:
   if _State.buffer is None:
     return None
   close_log_file()
-  handler = logging.FileHandler(path, mode='a')
+  handler = _AppendFileHandler(path, CLOUD_LOG_FLUSH_S)
   handler.setFormatter(logging.Formatter(_FILE_FORMAT))
   handler.setLevel(logging.DEBUG)
   for record in _State.buffer.buffer:

@@ -13,10 +13,9 @@ other tool's; the dashed spellings (--voc-root) are accepted too.
 """
 
 import argparse
-import os
 from typing import Any
 
-from mcl_jax import cli
+from mcl_jax import cli, paths
 from mcl_jax.eval import dense_eval
 
 
@@ -64,7 +63,7 @@ def main(argv=None) -> dict[str, Any]:
   args = parse_args(argv)
   config, variables = checkpointing.load_variables(args.workdir, step=args.step,
                                                    which=args.which)
-  png = args.png or os.path.join(args.workdir, 'dense_probe.png')
+  png = args.png or paths.join(args.workdir, 'dense_probe.png')
   result = dense_eval.evaluate_variables(
       config, variables, compare_random_init=True, features=args.features,
       dataset=args.dataset, seed=args.seed, png=None if png.lower() == 'none' else png,

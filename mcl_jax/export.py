@@ -13,9 +13,8 @@ detectron2 format needs no PyTorch.
 """
 
 import argparse
-import os
 
-from mcl_jax import cli
+from mcl_jax import cli, paths
 from mcl_jax.eval import export
 
 
@@ -49,7 +48,7 @@ def main(argv=None) -> int:
     export.torch_module()  # before minutes of loading: say now what to install
   from mcl_jax.training import checkpointing  # pylint: disable=import-outside-toplevel
   _, variables = checkpointing.load_variables(args.workdir, step=args.step, which=args.which)
-  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+  paths.makedirs(paths.dirname(paths.abspath(args.out)))
   names = export.export(variables, args.format, args.out)
   print(f'wrote {len(names)} tensors ({args.which} network, {args.format}) to {args.out}')
   return 0

@@ -3,6 +3,8 @@
     python -m mcl_jax.visualize --config=configs/demo.py --out=crops.png \
         [--montage_out=montage.png]
 
+(--out and --montage_out may be gs:// paths.)
+
 Writes the crop grid (8 crops per image after the host crop and the device
 augmentation: view A | view B) and, with --montage_out, the montage canvases
 of one group per level and view. The pictures are `mcl_jax.eval.visualize`.

@@ -45,6 +45,8 @@ import time
 
 import numpy as np
 
+from mcl_jax import paths
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_STEPS = 12
 # Every random augmentation on (flip, jitter, grayscale, blur, solarize), so that
@@ -174,18 +176,17 @@ def run(workdir: str, *extra: str, devices: int = 2, name: str = 'run') -> Run:
 # ------------------------------------------------------------------ reading --
 
 def metrics_lines(workdir: str) -> list[dict]:
-  """All complete, parsable lines of metrics.jsonl, in order."""
-  path = os.path.join(workdir, 'metrics.jsonl')
-  if not os.path.exists(path):
+  """All complete, parsable lines of metrics.jsonl, in order (local or gs://)."""
+  path = paths.join(workdir, 'metrics.jsonl')
+  if not paths.exists(path):
     return []
   out = []
-  with open(path) as f:
-    for line in f:
-      if line.endswith('\n'):
-        try:
-          out.append(json.loads(line))
-        except ValueError:
-          pass
+  for line in paths.read_text(path).splitlines(keepends=True):
+    if line.endswith('\n'):
+      try:
+        out.append(json.loads(line))
+      except ValueError:
+        pass
   return out
 
 
@@ -199,13 +200,16 @@ def metrics_by_step(workdir: str) -> dict[int, dict]:
 
 
 def checkpoint_steps(workdir: str) -> list[int]:
-  d = os.path.join(workdir, 'checkpoints')
-  return sorted(int(n) for n in os.listdir(d) if n.isdigit()) if os.path.isdir(d) else []
+  """Complete checkpoints: step folders (on gs://, those holding Orbax's commit marker)."""
+  d = paths.join(workdir, 'checkpoints')
+  steps = sorted(int(n) for n in paths.listdir(d) if n.isdigit())
+  if paths.is_cloud(d):
+    steps = [s for s in steps if paths.exists(paths.join(d, str(s), paths.COMMIT_FILE))]
+  return steps
 
 
 def checkpoint_entries(workdir: str) -> list[str]:
-  d = os.path.join(workdir, 'checkpoints')
-  return sorted(os.listdir(d)) if os.path.isdir(d) else []
+  return paths.listdir(paths.join(workdir, 'checkpoints'))
 
 
 def load_state(workdir: str, step: int | None = None):

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn as tnn
 
+from mcl_jax import export as export_cmd
 from mcl_jax.eval import export
 from mcl_jax.nn import model as model_lib
 from mcl_jax.pretext import montage
@@ -458,7 +459,7 @@ def test_missing_subtrees_are_clear_errors(tiny):
 def test_convert_script_calls_checkpointing(tiny, tmp_path, monkeypatch):
   checkpointing = pytest.importorskip('mcl_jax.training.checkpointing')
   block, model, variables = tiny
-  script = export
+  script = export_cmd  # `python -m mcl_jax.export`
   calls = []
 
   def fake_load(workdir, step=None, which='online'):
@@ -514,7 +515,7 @@ def test_convert_script_end_to_end_orbax(tmp_path):
   manager.wait_until_finished()
   manager.close()
 
-  script = export
+  script = export_cmd  # `python -m mcl_jax.export`
   for which, params, stats in (('online', state.params, state.batch_stats),
                                ('target', state.target_params, state.target_batch_stats)):
     out = str(tmp_path / f'{which}.pkl')

@@ -33,7 +33,7 @@ From Python (e.g. at the end of a run):
 """
 
 import functools
-import os
+import io
 import time
 from typing import Any, Sequence
 
@@ -42,6 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from mcl_jax import paths
 from mcl_jax.nn import model as model_lib
 from mcl_jax.data import segmentation as seg_data
 from mcl_jax.nn.model import MCLNet
@@ -479,9 +480,11 @@ def write_png(path: str, data: seg_data.ProbeData, preds: np.ndarray,
                              for r in rows), [])[:-1], axis=0)
   scale = max(1, 256 // data.image_size)
   try:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    buf = io.BytesIO()
     Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale),
-                                 Image.NEAREST).save(path)
+                                 Image.NEAREST).save(buf, 'PNG')
+    paths.makedirs(paths.dirname(paths.abspath(path)))
+    paths.write_atomic(path, buf.getvalue())
   except OSError as e:
     raise DenseEvalError(f'cannot write the PNG {path!r} ({type(e).__name__}: '
                          f'{e.strerror or e})') from e

@@ -16,13 +16,14 @@ become weight / bias and batch_stats mean / var become running_mean /
 running_var. Every array is float32 NumPy (num_batches_tracked: int64 0-d).
 """
 
+import io
 import pickle
 import re
 from typing import Any, Mapping
 
 import numpy as np
 
-from mcl_jax import cli
+from mcl_jax import cli, paths
 
 NORM_SUFFIXES = ('weight', 'bias', 'running_mean', 'running_var')
 _BLOCK_RE = re.compile(r'^layer(\d+)_(\d+)$')
@@ -194,8 +195,7 @@ def save_detectron2(checkpoint: Mapping[str, Any], path: str) -> None:
   """Pickles a `to_detectron2` dict (detectron2 loads .pkl files this way)."""
   if not str(path).endswith('.pkl'):
     raise ExportError(f'{path}: detectron2 only treats *.pkl files as pickled weights')
-  with open(path, 'wb') as f:
-    pickle.dump(dict(checkpoint), f, protocol=pickle.HIGHEST_PROTOCOL)
+  paths.write_atomic(path, pickle.dumps(dict(checkpoint), protocol=pickle.HIGHEST_PROTOCOL))
 
 
 TORCH_INSTALL = ('pip install -e ".[torch]" (the optional extra, a CPU build of '
@@ -211,7 +211,12 @@ def save_torchvision(state_dict: Mapping[str, np.ndarray], path: str) -> None:
   """torch.save of a `to_torchvision` dict as torch tensors."""
   torch = torch_module()
   tensors = {k: torch.from_numpy(np.array(v)) for k, v in state_dict.items()}
-  torch.save(tensors, path)
+  if not paths.is_cloud(path):
+    torch.save(tensors, path)
+    return
+  buf = io.BytesIO()  # the file torch.save writes, in memory, then one upload
+  torch.save(tensors, buf)
+  paths.write_atomic(path, buf.getvalue())
 
 
 def export(variables: Mapping[str, Any], fmt: str, path: str) -> list[str]:

@@ -7,12 +7,13 @@ run). The command line is `python -m mcl_jax.visualize`
 (mcl_jax/visualize.py).
 """
 
-import os
+import io
 
 from absl import logging
 import jax
 import numpy as np
 
+from mcl_jax import paths
 from mcl_jax.data import augment
 from mcl_jax.pretext import montage, objective
 
@@ -43,11 +44,19 @@ def grid_image(crops_float01, gap: int = 2, view_gap: int = 8) -> np.ndarray:
   return canvas
 
 
-def save_png(img_uint8: np.ndarray, path: str):
-  """Writes a uint8 [H, W, 3] image to `path` as a PNG (parents created)."""
+def png_bytes(img_uint8: np.ndarray) -> bytes:
+  """The PNG file of a uint8 [H, W, 3] image."""
   from PIL import Image  # pylint: disable=import-outside-toplevel
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  Image.fromarray(img_uint8).save(path, 'PNG')
+  buf = io.BytesIO()
+  Image.fromarray(img_uint8).save(buf, 'PNG')
+  return buf.getvalue()
+
+
+def save_png(img_uint8: np.ndarray, path: str):
+  """Writes a uint8 [H, W, 3] image to `path` (local or gs://) as a PNG, in one piece
+  (local parents created)."""
+  paths.makedirs(paths.dirname(paths.abspath(path)))
+  paths.write_atomic(path, png_bytes(img_uint8))
 
 
 def crops_grid_png(crops_float01, path: str, **kwargs) -> None:

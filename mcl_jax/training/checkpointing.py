@@ -5,12 +5,18 @@ Layout of a workdir:
   checkpoints/<step>/  Orbax checkpoints of the TrainState (atomic: written to
                        <step>.orbax-checkpoint-tmp and renamed once complete;
                        a leftover tmp directory is never restored and is
-                       deleted when the next run opens the directory)
+                       deleted when the next run opens the directory. On
+                       gs:// Orbax writes <step>/ directly and adds
+                       commit_success.txt last: a step without it is
+                       treated the same way)
   checkpoints/<step>.corrupt/
                        a checkpoint that failed to restore while an older
                        one restored: moved aside so that Orbax neither
                        restores it nor counts it against keep_checkpoints
   metrics.jsonl, events.* (TensorBoard), montage.png (logs.py, eval/visualize.py)
+
+The workdir may be local or gs://BUCKET/path: everything here goes through
+mcl_jax.paths, and Orbax writes the arrays with tensorstore's GCS driver.
 
 Resuming restores the newest readable checkpoint. A checkpoint whose arrays
 do not match the current model's shapes is refused (CheckpointError), never
@@ -18,8 +24,6 @@ treated as corrupt and never silently restored.
 """
 
 import json
-import os
-import tempfile
 
 from absl import logging
 import jax
@@ -37,54 +41,45 @@ class CheckpointError(RuntimeError):
   """A workdir whose checkpoints cannot be used."""
 
 
-def check_workdir(workdir: str):
-  """Creates the workdir, or says clearly why it cannot be used.
+def check_workdir(workdir: str) -> bool:
+  """Creates the workdir, or says clearly in one line why it cannot be used.
 
-  Writability is tested by creating (and removing) a file, not with
+  Returns whether it is new (created here; on gs://, no object under it yet).
+
+  Local: writability is tested by creating (and removing) a file, not with
   os.access: that also catches read-only mounts, and is not fooled by root,
-  for whom os.access reports every directory writable.
+  for whom os.access reports every directory writable. gs://: credentials,
+  then a probe object, which also tells a missing bucket from a refused
+  write (paths.check_writable).
   """
-  if '://' in str(workdir):
-    raise CheckpointError(
-        f'workdir {workdir!r}: only local or mounted paths are supported (the '
-        'metrics and config are written with plain file I/O); mount the bucket '
-        '(e.g. gcsfuse) and pass the mount path')
   try:
-    os.makedirs(workdir, exist_ok=True)
-  except OSError as e:
-    raise CheckpointError(
-        f'workdir {workdir!r} cannot be created ({type(e).__name__}: {e.strerror or e}): '
-        'choose another --workdir') from e
-  try:
-    fd, probe = tempfile.mkstemp(prefix='.write_test_', dir=workdir)
-    os.close(fd)
-    os.remove(probe)
-  except OSError as e:
-    raise CheckpointError(
-        f'workdir {workdir!r} is not writable ({type(e).__name__}: {e.strerror or e}): '
-        'choose another --workdir or fix its permissions') from e
+    return paths.check_writable(workdir)
+  except paths.StorageError as e:
+    if paths.is_cloud(workdir):  # the message says what to do
+      raise CheckpointError(f'workdir {e}' if str(e).startswith('gs://') else str(e)) from e
+    hint = ' or fix its permissions' if 'not writable' in str(e) else ''
+    raise CheckpointError(f'workdir {e}: choose another --workdir{hint}') from e
 
 
 def save_config(workdir: str, config):
   """Writes config.json (process 0), atomically: a kill never leaves half of it."""
   if jax.process_index() == 0:
-    paths.write_atomic(os.path.join(workdir, CONFIG_FILE),
+    paths.write_atomic(paths.join(workdir, CONFIG_FILE),
                        config.to_json_best_effort(indent=2, sort_keys=True))
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
   """The config a run saved in its workdir."""
-  path = os.path.join(workdir, CONFIG_FILE)
-  if not os.path.isdir(workdir):
+  path = paths.join(workdir, CONFIG_FILE)
+  if not paths.isdir(workdir):
     raise CheckpointError(f'workdir {workdir!r} does not exist: pass the --workdir of a '
                           'pretraining run (main.py --workdir=...)')
-  if not os.path.exists(path):
+  if not paths.exists(path):
     raise CheckpointError(f'workdir {workdir!r} has no {CONFIG_FILE}, so it is not a '
                           'pretraining workdir (or its run never started): pass the '
                           '--workdir given to main.py')
   try:
-    with open(path) as f:
-      raw = json.load(f)
+    raw = json.loads(paths.read_text(path))
   except (OSError, ValueError) as e:
     raise CheckpointError(f'{path} cannot be read ({type(e).__name__}: {e})') from e
   return ml_collections.ConfigDict(_tuplify(raw))
@@ -117,7 +112,7 @@ def _get(config, dotted):
 
 def check_compatible(workdir: str, config):
   """Refuses a workdir whose saved config has other parameter shapes."""
-  if not os.path.exists(os.path.join(workdir, CONFIG_FILE)):
+  if not paths.exists(paths.join(workdir, CONFIG_FILE)):
     return
   old = load_config(workdir)
   diffs = []
@@ -134,7 +129,7 @@ def check_compatible(workdir: str, config):
 
 
 def checkpoint_dir(workdir: str) -> str:
-  return os.path.join(os.path.abspath(workdir), 'checkpoints')
+  return paths.join(paths.abspath(workdir), 'checkpoints')
 
 
 def make_manager(workdir: str, keep: int, async_save: bool = True,
@@ -150,11 +145,17 @@ def make_manager(workdir: str, keep: int, async_save: bool = True,
 
 
 def latest_steps(workdir: str) -> list[int]:
-  """Complete checkpoint steps in the workdir, newest first."""
+  """Complete checkpoint steps in the workdir, newest first.
+
+  Locally Orbax renames a checkpoint to its step number once complete; on
+  gs:// it writes into the step folder and adds paths.COMMIT_FILE last, so
+  there a step folder without it (a save cut short) is not a checkpoint.
+  """
   d = checkpoint_dir(workdir)
-  if not os.path.isdir(d):
-    return []
-  return sorted((int(n) for n in os.listdir(d) if n.isdigit()), reverse=True)
+  steps = sorted((int(n) for n in paths.listdir(d) if n.isdigit()), reverse=True)
+  if paths.is_cloud(d):
+    steps = [s for s in steps if paths.exists(paths.join(d, str(s), paths.COMMIT_FILE))]
+  return steps
 
 
 def save(manager: ocp.CheckpointManager, step: int, state, force: bool = False) -> bool:
@@ -195,15 +196,16 @@ def quarantine(directory, step: int) -> str | None:
   """Renames checkpoints/<step> to <step>.corrupt[.N] (process 0); returns the new path.
 
   The new name is not a step name to Orbax: it is neither restored nor
-  counted by max_to_keep, and the files stay for inspection.
+  counted by max_to_keep, and the files stay for inspection. (On gs:// a
+  copy and a delete, the commit marker deleted first: paths.move_tree.)
   """
-  src = os.path.join(str(directory), str(step))
-  if jax.process_index() != 0 or not os.path.isdir(src):
+  src = paths.join(str(directory), str(step))
+  if jax.process_index() != 0 or not paths.isdir(src):
     return None
   dst, n = src + '.corrupt', 1
-  while os.path.exists(dst):
+  while paths.exists(dst):
     dst, n = f'{src}.corrupt.{n}', n + 1
-  os.rename(src, dst)
+  paths.move_tree(src, dst)
   return dst
 
 

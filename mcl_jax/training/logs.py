@@ -2,10 +2,18 @@
 
 Owns metrics.jsonl: `MetricWriter` appends one line per step, and
 `truncate_metrics` cuts it back to a restored step when a run resumes.
+
+Locally every line is written and flushed at once, as to any file. On a
+gs:// workdir (GCS has no appends: mcl_jax.paths.AppendFile) the lines are
+uploaded in batches by a background thread every CLOUD_FLUSH_S seconds, and
+by the training loop before each checkpoint is saved (`MetricWriter.flush`),
+so that a checkpoint never covers a step whose line is not in the bucket.
+The TensorBoard events are uploaded by tensorboardX's own writer thread,
+every CLOUD_FLUSH_S seconds on gs:// (locally it writes every 120 s, as
+before), and when the writer closes.
 """
 
 import json
-import os
 import time
 
 from absl import logging
@@ -15,6 +23,10 @@ import numpy as np
 from mcl_jax import paths
 
 METRICS_FILE = 'metrics.jsonl'
+# gs:// logs: one upload per file this often in the background (GCS takes
+# about one update per second per object; each upload sends only the new
+# bytes).
+CLOUD_FLUSH_S = 30.0
 
 
 class MetricWriter:
@@ -26,10 +38,15 @@ class MetricWriter:
     self._t0, self._step0 = None, None
     self._tb = self._jsonl = None
     if self.active:
-      self._jsonl = open(os.path.join(workdir, METRICS_FILE), 'a')
+      self._jsonl = paths.AppendFile(paths.join(workdir, METRICS_FILE),
+                                     background_s=CLOUD_FLUSH_S,
+                                     on_error=lambda e: logging.warning('%s', e))
       try:
         from tensorboardX import SummaryWriter
-        self._tb = SummaryWriter(workdir)
+        if paths.is_cloud(workdir):
+          _tensorboard_to_gcs()
+        self._tb = SummaryWriter(workdir, flush_secs=int(CLOUD_FLUSH_S) if
+                                 paths.is_cloud(workdir) else 120)
       except ImportError:
         logging.warning('tensorboardX is not installed: no TensorBoard scalars.')
 
@@ -43,7 +60,6 @@ class MetricWriter:
     if not self.active:
       return
     self._jsonl.write(json.dumps({'step': step, **metrics}) + '\n')
-    self._jsonl.flush()
     if self._tb is not None:
       for k, v in metrics.items():
         self._tb.add_scalar(k, v, step)
@@ -58,9 +74,21 @@ class MetricWriter:
       # the log file keeps it with the rest.
       logging.info('%s', line)
 
+  def flush(self):
+    """Makes every metrics line written so far durable (gs://: uploads them).
+
+    Called before each checkpoint is saved. Raises paths.StorageError if the
+    upload fails: the checkpoint must not be saved then.
+    """
+    if self._jsonl:
+      self._jsonl.flush()
+
   def close(self):
     if self._jsonl:
-      self._jsonl.close()
+      try:
+        self._jsonl.close()
+      except paths.StorageError as e:  # not covered by a checkpoint: those steps rerun
+        logging.warning('%s', e)
     if self._tb is not None:
       self._tb.close()
 
@@ -80,11 +108,10 @@ def truncate_metrics(workdir: str, step: int) -> int:
   the one of the run that is continued. A line cut short by a kill is dropped
   too. Process 0 only; returns the number of lines dropped.
   """
-  path = os.path.join(workdir, METRICS_FILE)
-  if jax.process_index() != 0 or not os.path.exists(path):
+  path = paths.join(workdir, METRICS_FILE)
+  if jax.process_index() != 0 or not paths.exists(path):
     return 0
-  with open(path) as f:
-    lines = f.read().splitlines()
+  lines = paths.read_text(path).splitlines()
   keep = []
   for line in lines:
     try:
@@ -98,3 +125,63 @@ def truncate_metrics(workdir: str, step: int) -> int:
     logging.info('%s: dropped %d line(s) after step %d (they are logged again).',
                  path, dropped, step)
   return dropped
+
+
+class _TensorBoardFile:
+  """tensorboardX's event-file target on gs://: a paths.AppendFile.
+
+  tensorboardX writes the records and calls flush() from its own thread
+  every flush_secs and on SummaryWriter.flush/close; each flush appends only
+  the records since the last one. A failed upload is logged and retried at
+  the next flush (raising would stop tensorboardX's writer thread, and its
+  full queue would then block training).
+
+  Attributes:
+    file: the AppendFile (its `uploads` and `bytes_uploaded`).
+  """
+
+  def __init__(self, path: str):
+    self.file = paths.AppendFile(path, binary=True)
+    self._failing = False
+    _TENSORBOARD_FILES.append(self)
+
+  def write(self, data: bytes):
+    self.file.write(data)
+
+  def flush(self):
+    try:
+      self.file.flush()
+      self._failing = False
+    except paths.StorageError as e:
+      if not self._failing:
+        logging.warning('TensorBoard events: %s', e)
+      self._failing = True
+
+  def close(self):
+    self.flush()
+
+
+# The gs:// event files opened in this process (benchmarks/cloud_io.py reads
+# their upload counts).
+_TENSORBOARD_FILES = []
+
+
+class _TensorBoardFactory:
+  """tensorboardX's writer factory for the 'gs' prefix (record_writer registry)."""
+
+  def open(self, path):
+    return _TensorBoardFile(path)
+
+  def directory_check(self, path):
+    del path  # GCS has no folders to make
+
+
+def _tensorboard_to_gcs():
+  """Routes tensorboardX's gs:// event files through mcl_jax.paths.
+
+  tensorboardX's own gs:// writer (google-cloud-storage) uploads the whole
+  event file again at every flush, so its uploads grow with the run; this
+  one sends only the new records.
+  """
+  from tensorboardX import record_writer  # pylint: disable=import-outside-toplevel
+  record_writer.register_writer_factory('gs', _TensorBoardFactory())

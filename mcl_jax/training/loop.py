@@ -12,8 +12,6 @@ non-finite value, and evaluates the backbone at the end if the config asks.
 import dataclasses
 import functools
 import math
-import os
-import shutil
 
 from absl import logging
 import jax
@@ -22,7 +20,7 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from mcl_jax import cli, config_validation
+from mcl_jax import cli, config_validation, paths
 from mcl_jax.data import device_crops, input_pipeline
 from mcl_jax.eval import visualize
 from mcl_jax.training import checkpointing, logs, memory, optim, signals
@@ -59,12 +57,13 @@ LOG_FILE = 'train.log'
 def train_and_evaluate(config, workdir: str) -> dict:
   """Runs (or resumes) pretraining in `workdir`. Returns the last metrics.
 
-  Order of the checks, all before anything is compiled and before the
-  workdir is created: the config (config_validation), the data source (a
-  missing dataset or folder fails here; tfds data is prepared here when
-  data.tfds_download_and_prepare asks for it), and a saved config.json of
-  another model shape (refused). Then the workdir is created (and checked
-  writable), the log file opened in it, and the newest readable checkpoint
+  Order of the checks, all before anything is compiled: the config
+  (config_validation) and the data source (a missing dataset or folder fails
+  here; tfds data is prepared here when data.tfds_download_and_prepare asks
+  for it), before the workdir is created; then the workdir (created and
+  checked writable; on gs:// the credentials, the bucket and a probe object)
+  and a saved config.json of another model shape (refused). Then the log
+  file is opened in it, and the newest readable checkpoint
   restored (unreadable ones are skipped, see checkpointing.restore_latest);
   metrics.jsonl is cut back to its step. A workdir this call created is
   removed again if the run fails before its first step is logged.
@@ -74,10 +73,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
   """
   config_validation.validate(config, jax.device_count(), jax.process_count())
   data = _open_data(config)
-  checkpointing.check_compatible(workdir, config)
-  created = not os.path.exists(workdir)
-  checkpointing.check_workdir(workdir)
+  created = checkpointing.check_workdir(workdir)
   try:
+    checkpointing.check_compatible(workdir, config)
     _open_log_file(workdir)
     num_steps = state_lib.total_steps(config, data.num_examples)
     run = _Run(config, workdir, data, state_lib.make_mesh(), num_steps,
@@ -124,17 +122,22 @@ def _open_data(config) -> input_pipeline.DataSource:
 def _open_log_file(workdir: str):
   """WORKDIR/train.log (train.<process>.log beyond process 0), if the CLI logs."""
   name = LOG_FILE if jax.process_index() == 0 else f'train.{jax.process_index()}.log'
-  cli.log_to_file(os.path.join(workdir, name))
+  if jax.process_index() == 0:
+    paths.remove_leftover_parts(workdir)  # of appends cut short by a kill (gs://)
+  cli.log_to_file(paths.join(workdir, name))
 
 
 def _remove_unstarted(workdir: str):
   """Removes a workdir this run created, if nothing of a step was written to it."""
-  metrics = os.path.join(workdir, logs.METRICS_FILE)
+  metrics = paths.join(workdir, logs.METRICS_FILE)
   if (jax.process_index() != 0 or checkpointing.latest_steps(workdir)
-      or (os.path.exists(metrics) and os.path.getsize(metrics) > 0)):
+      or (paths.exists(metrics) and paths.getsize(metrics) > 0)):
     return
   cli.close_log_file()
-  shutil.rmtree(workdir, ignore_errors=True)
+  try:
+    paths.rmtree(workdir)
+  except OSError:
+    pass
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,7 +165,7 @@ def _restore_or_init(run: _Run, manager):
     logging.info('==> Starting a new run: %d steps of %d images, a checkpoint every %d '
                  'steps.', run.num_steps, config.optim.global_batch, config.checkpoint_every)
   else:
-    if not os.path.exists(os.path.join(workdir, checkpointing.CONFIG_FILE)):
+    if not paths.exists(paths.join(workdir, checkpointing.CONFIG_FILE)):
       checkpointing.save_config(workdir, config)
     if start >= run.num_steps:
       logging.info('==> Already finished at step %d (of %d): nothing to train.', start,
@@ -197,7 +200,7 @@ def _run(run: _Run, manager, stop: signals.StopSignal) -> dict:
       images = device_crops.step_images(batch, config.data.crop_on)
       if step == start == 0 and config.montage_png:
         visualize.write_montage_png(config, device_crops.crops_of(images, config.data),
-                                    os.path.join(run.workdir, 'montage.png'))
+                                    paths.join(run.workdir, 'montage.png'))
       if step == start:
         # The first call compiles. XLA's "Very slow compile?" alarm, printed
         # from C++ on a busy CPU, goes to the log file, not the console.
@@ -216,12 +219,14 @@ def _run(run: _Run, manager, stop: signals.StopSignal) -> dict:
       stopped = stop.should_stop(step)
       if stopped or done % config.checkpoint_every == 0 or done == num_steps:
         # The state of step `done` is saved only after its metrics passed
-        # _check_finite: a non-finite state is never checkpointed.
+        # _check_finite: a non-finite state is never checkpointed; and only
+        # once its metrics line is durable (gs:// uploads logs in batches).
         last = _finish_step(*pending, writer, config, last_saved)
         pending = None
+        writer.flush()
         checkpointing.save(manager, done, state, force=True)
         logging.info('checkpoint of step %d -> %s', done,
-                     os.path.join(checkpointing.checkpoint_dir(run.workdir), str(done)))
+                     paths.join(checkpointing.checkpoint_dir(run.workdir), str(done)))
         last_saved = done
       if stopped:
         logging.info('Stopped after step %d (%s); checkpoint saved. Rerun the same '
@@ -241,7 +246,7 @@ def _log_where(workdir: str):
   """The start-up line: where the checkpoints, the log and TensorBoard's scalars go."""
   log = cli.log_file()
   logging.info('workdir: %s (checkpoints/, metrics.jsonl%s; TensorBoard: tensorboard '
-               '--logdir %s)', workdir, f', log file {os.path.basename(log)}' if log else '',
+               '--logdir %s)', workdir, f', log file {paths.basename(log)}' if log else '',
                workdir)
 
 
