@@ -10,8 +10,18 @@ run) and every other run loads it. The numbers are those of the same program
 either way; only compile time changes.
 
 The reference run (1 process, 2 simulated CPU devices, uninterrupted) is run
-once per session, keeping every checkpoint, and serves both files: resume
+once per session (once for all pytest-xdist workers), keeping every
+checkpoint, and serves every file that starts main.py: resume
 runs are compared with it, and so is the 2-process run (same global batch).
+
+The runs compile with the XLA flags of the pytest process (a float path
+chosen by the caller, scripts/float_paths.py), with the device count and
+the optimisation level replaced as above.
+
+Two runs of the same program on the same state (a resumed run and the
+uninterrupted one; two processes and one process with the same per-device
+work) are expected to agree bit for bit; the comparisons allow each value
+one final rounding on each side (`same_up_to_rounding`, tests/tolerance.py).
 
 Environment knobs (for reproducing a failure):
   MCL_TEST_KILL_STEP, MCL_TEST_STOP_STEPS  fix the random steps of the
@@ -21,6 +31,7 @@ Environment knobs (for reproducing a failure):
 """
 
 import atexit
+import fcntl
 import json
 import os
 import re
@@ -52,11 +63,18 @@ _REFERENCE = None
 
 
 def root() -> str:
-  """A scratch directory for the whole pytest session."""
+  """A scratch directory for the whole pytest session.
+
+  tests/conftest.py makes it (MCL_TEST_RUNS_ROOT) and removes it at the end;
+  pytest-xdist's workers inherit it, so they share the reference run and
+  the compilation cache.
+  """
   global _ROOT
   if _ROOT is None:
-    _ROOT = tempfile.mkdtemp(prefix='mcl_runs_')
-    atexit.register(shutil.rmtree, _ROOT, True)
+    _ROOT = os.environ.get('MCL_TEST_RUNS_ROOT')
+    if not _ROOT:  # imported outside the suite
+      _ROOT = tempfile.mkdtemp(prefix='mcl_runs_')
+      atexit.register(shutil.rmtree, _ROOT, True)
   return _ROOT
 
 
@@ -64,13 +82,19 @@ def cache_dir() -> str:
   return os.environ.get('MCL_TEST_JAX_CACHE') or os.path.join(root(), 'jax_cache')
 
 
+# Flags env() sets itself; any other XLA flag of this process is passed on.
+_OWN_FLAGS = ('--xla_force_host_platform_device_count', '--xla_backend_optimization_level')
+
+
 def env(num_devices: int, **extra) -> dict:
   e = dict(os.environ)
+  inherited = [f for f in os.environ.get('XLA_FLAGS', '').split()
+               if not f.startswith(_OWN_FLAGS)]
   e.update(
       JAX_PLATFORMS='cpu', CUDA_VISIBLE_DEVICES='', TF_CPP_MIN_LOG_LEVEL='2',
       PYTHONUNBUFFERED='1',
-      XLA_FLAGS=(f'--xla_force_host_platform_device_count={num_devices} '
-                 '--xla_backend_optimization_level=0'),
+      XLA_FLAGS=' '.join([f'--xla_force_host_platform_device_count={num_devices}',
+                          '--xla_backend_optimization_level=0', *inherited]),
       JAX_COMPILATION_CACHE_DIR=cache_dir(),
       JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
       JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='-1')
@@ -89,7 +113,7 @@ class Run:
   def __init__(self, workdir: str, *extra: str, devices: int = 2, name: str = 'run',
                env_extra: dict | None = None):
     self.workdir = workdir
-    self.log_path = os.path.join(root(), f'{name}-{time.monotonic_ns()}.log')
+    self.log_path = os.path.join(root(), f'{name}-{os.getpid()}-{time.monotonic_ns()}.log')
     self._log = open(self.log_path, 'w')
     self.started = time.monotonic()
     self.proc = subprocess.Popen(command(workdir, *extra), cwd=REPO,
@@ -217,6 +241,45 @@ def loss_diffs(got: dict[int, dict], want: dict[int, dict], steps) -> dict[int, 
   return {s: abs(got[s]['loss'] - want[s]['loss']) for s in steps}
 
 
+def rounding_tol(value: float) -> float:
+  """One float32 rounding of `value` on each side: the same program's result."""
+  from tests import tolerance  # pylint: disable=g-import-not-at-top
+  return tolerance.tol(np.float32, 1, abs(value), sides=2, worst_case=True)
+
+
+def same_up_to_rounding(got: dict[int, dict], want: dict[int, dict], steps, keys, label: str):
+  """Logged values of two runs of the same program: each within rounding_tol."""
+  from tests import tolerance  # pylint: disable=g-import-not-at-top
+  worst, where = -1.0, None
+  for s in steps:
+    for k in keys:
+      ratio = abs(got[s][k] - want[s][k]) / rounding_tol(want[s][k])
+      if ratio > worst:
+        worst, where = ratio, (s, k)
+  s, k = where
+  tolerance.check(abs(got[s][k] - want[s][k]), rounding_tol(want[s][k]),
+                  f'{label}: step {s} {k}, the worst of steps {min(steps)}..{max(steps)}')
+
+
+def same_state_up_to_rounding(a, b, label: str):
+  """Two TrainStates (host arrays): every leaf within one rounding of its
+  largest entry on each side."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from tests import tolerance  # pylint: disable=g-import-not-at-top
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  worst, where = -1.0, None
+  for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b)):
+    if not np.size(x):
+      continue
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    err, bound = float(np.max(np.abs(x - y))), rounding_tol(float(np.max(np.abs(y))))
+    ratio = err / bound if bound else (0.0 if err == 0 else np.inf)
+    if ratio > worst:
+      worst, where = ratio, (jax.tree_util.keystr(path), err, bound)
+  name, err, bound = where
+  tolerance.check(err, bound, f'{label}: TrainState, the worst leaf {name}')
+
+
 def free_port() -> int:
   with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
     s.bind(('127.0.0.1', 0))
@@ -235,15 +298,29 @@ def reference() -> dict:
   global _REFERENCE
   if _REFERENCE is None:
     workdir = os.path.join(root(), 'reference')
-    r = run(workdir, '--config.checkpoint_every=1', f'--config.keep_checkpoints={NUM_STEPS}',
-            name='reference')
-    assert r.rc == 0, r.tail()
+    done = os.path.join(root(), 'reference.json')
+    # One run for every xdist worker: the first to get here runs it, the
+    # others wait for it and read what it wrote.
+    with open(os.path.join(root(), 'reference.lock'), 'w') as lock:
+      fcntl.flock(lock, fcntl.LOCK_EX)
+      if not os.path.exists(done):
+        assert not os.path.exists(workdir), 'the reference run failed in another worker'
+        r = run(workdir, '--config.checkpoint_every=1',
+                f'--config.keep_checkpoints={NUM_STEPS}', name='reference')
+        assert r.rc == 0, r.tail()
+        print(f'\nreference run: {r.seconds:.1f}s (includes compiling the train step)')
+        with open(done + '.tmp', 'w') as f:
+          json.dump({'seconds': r.seconds, 'log': r.log_path}, f)
+        os.replace(done + '.tmp', done)
+      with open(done) as f:
+        info = json.load(f)
     m = metrics_by_step(workdir)
     assert sorted(m) == list(range(1, NUM_STEPS + 1)), sorted(m)
     assert all(np.isfinite(v['loss']) for v in m.values())
-    _REFERENCE = {'workdir': workdir, 'metrics': m, 'seconds': r.seconds,
-                  'output': r.output()}
-    print(f'\nreference run: {r.seconds:.1f}s (includes compiling the train step)')
+    with open(info['log']) as f:
+      output = f.read()
+    _REFERENCE = {'workdir': workdir, 'metrics': m, 'seconds': info['seconds'],
+                  'output': output}
   return _REFERENCE
 
 

@@ -1,0 +1,154 @@
+"""Runs the test suite under several float paths and tabulates the margins.
+
+XLA's CPU kernels sum in an order that depends on the thread count, the
+device count and the kernels compiled for the CPU's vector ISA. Each path
+below changes one of them; the suite must pass under every one, and every
+numerical comparison records its error against its tolerance
+(tests/tolerance.py, MCL_TOL_REPORT), so the table shows how close each test
+family came.
+
+  python scripts/float_paths.py                  # the numerical files, every path
+  python scripts/float_paths.py --all            # the whole suite
+  python scripts/float_paths.py --paths default,one_core tests/test_heads.py
+
+Paths:
+  default    what tests/conftest.py sets: 8 simulated devices, all cores
+  one_core   the same, pinned to one core (taskset -c 0): XLA's CPU thread
+             pool splits reductions differently
+  devices4   4 simulated devices: other shardings and per-device shapes
+             (tests that need 8 devices skip)
+  sse4       kernels compiled for SSE4.2 (--xla_cpu_max_isa=SSE4_2): the
+             matmul and conv kernels of a CPU without AVX, other vector
+             widths and so other summation orders
+  llvm_o3    LLVM's optimisation on, as outside the tests (the suite turns it
+             off to compile faster)
+"""
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# tests/conftest.py adds --xla_force_host_platform_device_count=8 and
+# --xla_backend_optimization_level=0 where XLA_FLAGS does not set them.
+# name: (command prefix, XLA_FLAGS)
+PATHS = {
+    'default': ([], ''),
+    'one_core': (['taskset', '-c', '0'], ''),
+    'devices4': ([], '--xla_force_host_platform_device_count=4'),
+    'sse4': ([], '--xla_cpu_max_isa=SSE4_2'),
+    'llvm_o3': ([], '--xla_backend_optimization_level=3'),
+}
+
+
+def numerical_files() -> list[str]:
+  """The test files that state tolerances through tests/tolerance.py."""
+  tests = os.path.join(ROOT, 'tests')
+  out = []
+  for name in sorted(os.listdir(tests)):
+    if name.startswith('test_') and name.endswith('.py'):
+      with open(os.path.join(tests, name)) as f:
+        if re.search(r'^from tests import .*tolerance', f.read(), re.M):
+          out.append(os.path.join('tests', name))
+  return out
+
+
+def run_path(name: str, files: list[str], report: str, extra: list[str]) -> dict:
+  prefix, flags = PATHS[name]
+  env = dict(os.environ, XLA_FLAGS=flags, MCL_TOL_REPORT=report, PYTHONPATH=ROOT)
+  cmd = [*prefix, sys.executable, '-m', 'pytest', '-q', '-rfEs', '-p', 'no:cacheprovider', *extra,
+         *files]
+  start = time.monotonic()
+  p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+  seconds = time.monotonic() - start
+  lines = p.stdout.strip().splitlines()
+  summary = lines[-1] if lines else p.stderr.strip()[-200:]
+  failed = [l for l in lines if l.startswith(('FAILED', 'ERROR'))]
+  skipped = [l for l in lines if l.startswith('SKIPPED')]
+  return {'path': name, 'rc': p.returncode, 'seconds': seconds, 'summary': summary,
+          'failed': failed, 'skipped': skipped, 'load': os.getloadavg()[0]}
+
+
+def family(test: str) -> str:
+  """file::function, parameters dropped."""
+  return re.sub(r'\[.*\]$', '', test)
+
+
+def margins(report: str) -> dict[str, tuple[float, str]]:
+  """{family: (worst err / tol, what)} from one MCL_TOL_REPORT file."""
+  worst = {}
+  if not os.path.exists(report):
+    return worst
+  with open(report) as f:
+    for line in f:
+      try:
+        r = json.loads(line)
+      except ValueError:
+        continue
+      ratio = r['err'] / r['tol'] if r['tol'] > 0 else (0.0 if r['err'] == 0 else float('inf'))
+      key = family(r['test'])
+      if key not in worst or ratio > worst[key][0]:
+        worst[key] = (ratio, r['what'])
+  return worst
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('files', nargs='*', help='test files (default: the numerical ones)')
+  parser.add_argument('--all', action='store_true', help='the whole suite (tests/)')
+  parser.add_argument('--paths', default=','.join(PATHS), help='comma-separated, of ' +
+                      ', '.join(PATHS))
+  parser.add_argument('--out', help='also write the tables (markdown) and the raw records here')
+  args, extra = parser.parse_known_args(argv)
+  files = ['tests'] if args.all else (args.files or numerical_files())
+  names = args.paths.split(',')
+  unknown = set(names) - set(PATHS)
+  if unknown:
+    parser.error(f'unknown paths {sorted(unknown)}; known: {", ".join(PATHS)}')
+  if 'one_core' in names and not shutil.which('taskset'):
+    parser.error('one_core needs taskset (util-linux)')
+  tmp = args.out or tempfile.mkdtemp(prefix='float_paths_')
+  os.makedirs(tmp, exist_ok=True)
+  results, worst = [], {}
+  for name in names:
+    report = os.path.join(tmp, f'{name}.jsonl')
+    if os.path.exists(report):
+      os.remove(report)
+    print(f'== {name}: {" ".join(PATHS[name][0])} XLA_FLAGS={PATHS[name][1]!r}', flush=True)
+    r = run_path(name, files, report, extra)
+    results.append(r)
+    worst[name] = margins(report)
+    print(f'   {r["summary"]} ({r["seconds"]:.0f} s, load {r["load"]:.1f})', flush=True)
+    for line in r['failed']:
+      print(f'   {line}')
+
+  out = ['| path | result | tests | time | load (1 min, at the end) |', '|---|---|---|---|---|']
+  for r in results:
+    out.append(f'| {r["path"]} | {"pass" if r["rc"] == 0 else "FAIL"} | '
+               f'{re.sub(r"=+", "", r["summary"]).strip()} | {r["seconds"] / 60:.1f} min | '
+               f'{r["load"]:.1f} |')
+  fams = sorted({f for w in worst.values() for f in w})
+  out += ['', '| test family | ' + ' | '.join(names) + ' | worst comparison |',
+          '|---|' + '---|' * (len(names) + 1)]
+  for f in fams:
+    cells = [f'{worst[n][f][0]:.3f}' if f in worst[n] else '-' for n in names]
+    top = max((worst[n][f] for n in names if f in worst[n]), key=lambda x: x[0])
+    out.append(f'| {f} | ' + ' | '.join(cells) + f' | {top[1]} |')
+  table = '\n'.join(out)
+  print('\nworst error / tolerance per test family (1.0 = at the tolerance)\n')
+  print(table)
+  if args.out:
+    with open(os.path.join(args.out, 'float_paths.md'), 'w') as f:
+      f.write(table + '\n')
+  return 0 if all(r['rc'] == 0 for r in results) else 1
+
+
+if __name__ == '__main__':
+  sys.exit(main())
