@@ -41,6 +41,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_flag('num_test', type=int, default=None,
              help='probe-test scenes (default 500) / cap on VOC ids')
   p.add_flag('data_seed', type=int, default=0)
+  p.add_flag('digit_sides', type=int, nargs=2, default=None, metavar=('MIN', 'MAX'),
+             help='digit_scenes: smallest and largest digit side in px (default 8 32); '
+             'size bins are the thirds of the log range')
   p.add_argument('--seed', type=int, default=None, help='random-init seed (default: config)')
   p.add_argument('--png', default=None,
                  help="test scenes picture (default WORKDIR/dense_probe.png; 'none': skip)")
@@ -54,6 +57,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     v = getattr(args, name)
     if v is not None and v < 1:
       p.error(f'--{name} {v}: must be >= 1')
+  if args.digit_sides is not None:
+    if args.dataset != 'digit_scenes':
+      p.error('--digit_sides applies to --dataset digit_scenes only')
+    lo, hi = args.digit_sides
+    size = args.image_size or 64
+    if not 1 <= lo <= hi <= size:
+      p.error(f'--digit_sides {lo} {hi}: need 1 <= MIN <= MAX <= the scene side ({size})')
   return args
 
 
@@ -69,7 +79,7 @@ def main(argv=None) -> dict[str, Any]:
       dataset=args.dataset, seed=args.seed, png=None if png.lower() == 'none' else png,
       voc_root=args.voc_root, image_size=args.image_size, num_train=args.num_train,
       num_test=args.num_test, data_seed=args.data_seed, train_split=args.train_split,
-      test_split=args.test_split)
+      test_split=args.test_split, digit_sides=args.digit_sides)
   steps = checkpointing.latest_steps(args.workdir)
   step = args.step if args.step is not None else (steps[0] if steps else None)
   label = f'{args.which} step {step}' if step is not None else args.which

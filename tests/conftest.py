@@ -10,7 +10,7 @@ each of these two is added only where the environment does not set it:
   two), which this cuts by about a third; the HLO, and so the arithmetic,
   is the same (tests/subprocess_runs.py's main.py runs always used it).
 
-Under pytest-xdist (`-n 2 --dist loadfile`, optional: pip install pytest-xdist) each
+Under pytest-xdist (`-n 2 --dist loadfile`, the README's test command) each
 file runs on one worker (its module fixtures compile once), and the
 workers share one scratch directory (MCL_TEST_RUNS_ROOT, made here by the
 first process and removed by it at the end), so the main.py reference run

@@ -44,23 +44,38 @@ def digits():
   return input_pipeline.digits_arrays(0.2)
 
 
-def test_scene_labels_match_the_pasted_pixels(digits):
+def test_size_edges_are_the_thirds_of_the_log_range():
+  assert sd.size_edges() == sd.DIGIT_SIZE_EDGES == (13, 21)  # 8 * 4^(1/3) = 12.7, 20.2
+  # 8 * 8^(1/3) is 16.000000000000004 in floats: the edge is still 16.
+  assert sd.size_edges((8, 64)) == (16, 32)
+  assert sd.size_rule((8, 64)) == ('by digit side: small 8-15 px, medium 16-31 px, '
+                                   'large 32-64 px')
+
+
+# (scene side, digit sides, edges written out by hand)
+SCENE_CASES = [(64, sd.DIGIT_SIDES, (13, 21)), (128, (8, 64), (16, 32))]
+
+
+@pytest.mark.parametrize('size, sides, edges', SCENE_CASES)
+def test_scene_labels_match_the_pasted_pixels(digits, size, sides, edges):
   images, labels, _ = digits
-  scenes = sd.make_digit_scenes(images[:300], labels[:300], 40, seed=7)
-  sides = []
+  scenes = sd.make_digit_scenes(images[:300], labels[:300], 40, seed=7, size=size,
+                                sides=sides)
+  sides_seen = []
   for n, objects in enumerate(scenes.objects):
     assert sd.DIGITS_PER_SCENE[0] <= len(objects) <= sd.DIGITS_PER_SCENE[1]
     # Paint the squares again, in order, and compare.
-    want_label = np.zeros((64, 64), np.int64)
-    want_pixel = np.full((64, 64), np.nan)
-    want_bin = np.full((64, 64), sd.NO_OBJECT)
+    want_label = np.zeros((size, size), np.int64)
+    want_pixel = np.full((size, size), np.nan)
+    want_bin = np.full((size, size), sd.NO_OBJECT)
     for digit_id, cls, y0, x0, side in objects:
       assert cls == labels[digit_id]
-      sides.append(side)
+      sides_seen.append(side)
       up = sd.resize_digit(images[digit_id], side)  # checked against jax.image.resize above
       want_label[y0:y0 + side, x0:x0 + side] = cls + 1
       want_pixel[y0:y0 + side, x0:x0 + side] = np.asarray(up)
-      want_bin[y0:y0 + side, x0:x0 + side] = 0 if side < 13 else (1 if side < 21 else 2)
+      want_bin[y0:y0 + side, x0:x0 + side] = (0 if side < edges[0] else
+                                              (1 if side < edges[1] else 2))
     np.testing.assert_array_equal(scenes.labels[n], want_label)
     np.testing.assert_array_equal(scenes.size_bins[n], want_bin)
     fg = want_label > 0
@@ -71,7 +86,9 @@ def test_scene_labels_match_the_pasted_pixels(digits):
             + tolerance.tol(np.float64, 4, 255 + sd.NOISE, worst_case=True)).all()
     # The background is textured, not flat.
     assert scenes.images[n][~fg].std() > 5
-  assert min(sides) <= 9 and max(sides) >= 30  # spans about 4x
+  # Log-uniform over the range: its ends are reached.
+  assert min(sides_seen) <= sides[0] + 1 and max(sides_seen) >= sides[1] - 2
+  assert sides[0] <= min(sides_seen) and max(sides_seen) <= sides[1]
 
 
 def test_scenes_split_disjoint_and_deterministic(digits):
@@ -321,9 +338,10 @@ def _run_cli(argv):
 def test_cli_end_to_end(tiny_workdir, tmp_path, capsys, short_probe):
   png = str(tmp_path / 'scenes.png')
   result = dense_eval_cmd.main(['--workdir', tiny_workdir, '--num_train', '16',
-                                '--num_test', '8', '--png', png])
+                                '--num_test', '8', '--png', png, '--digit_sides', '8', '64'])
   out = capsys.readouterr().out
   assert 'random init' in out and 'online step 2' in out and 'mIoU S' in out
+  assert 'digits 8-64 px' in out and 'small 8-15 px, medium 16-31 px, large 32-64 px' in out
   for key in ('miou', 'pixel_acc', 'miou_small', 'miou_medium', 'miou_large'):
     assert 0.0 <= result[key] <= 1.0 and 0.0 <= result[f'random_{key}'] <= 1.0
   assert result['num_train'] == 16 and result['num_test'] == 8
@@ -346,6 +364,10 @@ def test_cli_c5_features_on_voc(tiny_workdir, tmp_path, capsys, short_probe):
     (['--dataset', 'voc'], 2, 'error: --dataset voc needs --voc_root'),
     (['--image_size', '40'], 2, 'must be a positive multiple of 32'),
     (['--features', 'P6'], 2, "invalid choice: 'P6'"),
+    (['--digit_sides', '8', '96'], 2, 'need 1 <= MIN <= MAX <= the scene side (64)'),
+    (['--digit_sides', '16', '8', '--image_size', '128'], 2, 'need 1 <= MIN <= MAX'),
+    (['--dataset', 'voc', '--voc_root', '/x', '--digit_sides', '8', '16'], 2,
+     '--digit_sides applies to --dataset digit_scenes only'),
     (['--dataset', 'voc', '--voc_root', '/nonexistent/voc'], 1,
      "error: VOC root '/nonexistent/voc' is not a directory"),
 ])

@@ -144,9 +144,29 @@ def _background(rng, size: int) -> np.ndarray:
   return 45.0 + 22.0 * np.clip(blobs, -1.5, 1.5) + 12.0 * grating[..., None]
 
 
-def size_bin_of_side(side: int) -> int:
-  """0 small, 1 medium, 2 large (DIGIT_SIZE_EDGES)."""
-  return int(np.searchsorted(DIGIT_SIZE_EDGES, side, side='right'))
+def size_edges(sides=DIGIT_SIDES) -> tuple[int, int]:
+  """The small / medium and medium / large edges: thirds of the log-side range.
+
+  A side below the first edge is small, below the second medium. For the
+  default 8..32 px these are DIGIT_SIZE_EDGES (13, 21); for 8..64 px, 16 and
+  32, so each bin holds one octave of tile sizes.
+  """
+  lo, hi = float(sides[0]), float(sides[1])
+  # round() first: 8 * 8 ** (1/3) is 16.000000000000004 in floats, and a
+  # bin edge must not move by an ulp.
+  return tuple(int(np.ceil(round(lo * (hi / lo) ** (k / 3), 6))) for k in (1, 2))
+
+
+def size_bin_of_side(side: int, edges=DIGIT_SIZE_EDGES) -> int:
+  """0 small, 1 medium, 2 large (`edges` from `size_edges`)."""
+  return int(np.searchsorted(edges, side, side='right'))
+
+
+def size_rule(sides=DIGIT_SIDES) -> str:
+  """The size bins of digit scenes with these digit sides, in words."""
+  e = size_edges(sides)
+  return (f'by digit side: small {sides[0]}-{e[0] - 1} px, medium {e[0]}-{e[1] - 1} px, '
+          f'large {e[1]}-{sides[1]} px')
 
 
 def make_digit_scenes(digit_images: np.ndarray, digit_labels: np.ndarray, num_scenes: int,
@@ -181,6 +201,7 @@ def make_digit_scenes(digit_images: np.ndarray, digit_labels: np.ndarray, num_sc
   bins = np.full((num_scenes, size, size), NO_OBJECT, np.uint8)
   objects = []
   lo, hi = np.log(sides[0]), np.log(sides[1])
+  edges = size_edges(sides)
   for n in range(num_scenes):
     canvas = _background(rng, size)
     scene_objects = []
@@ -191,7 +212,7 @@ def make_digit_scenes(digit_images: np.ndarray, digit_labels: np.ndarray, num_sc
       window = np.s_[y0:y0 + side, x0:x0 + side]
       canvas[window] = resize_digit(digit_images[row], side)[..., None]
       labels[n][window] = int(digit_labels[row]) + 1
-      bins[n][window] = size_bin_of_side(side)
+      bins[n][window] = size_bin_of_side(side, edges)
       scene_objects.append((int(digit_ids[row]), int(digit_labels[row]), y0, x0, side))
     canvas += rng.uniform(-NOISE, NOISE, canvas.shape)
     images[n] = np.clip(np.rint(canvas), 0, 255).astype(np.uint8)
@@ -202,21 +223,23 @@ def make_digit_scenes(digit_images: np.ndarray, digit_labels: np.ndarray, num_sc
 
 def digit_scenes(heldout_fraction: float, num_train: int = NUM_TRAIN_SCENES,
                  num_test: int = NUM_TEST_SCENES, seed: int = 0,
-                 size: int = SCENE_SIZE) -> ProbeData:
-  """Probe-train scenes of pretraining-split digits, probe-test scenes of held-out ones."""
+                 size: int = SCENE_SIZE, sides=DIGIT_SIDES) -> ProbeData:
+  """Probe-train scenes of pretraining-split digits, probe-test scenes of held-out ones.
+
+  `size` is the scene side and `sides` the (min, max) digit side; the size
+  bins are the thirds of the log-side range (`size_rule`).
+  """
   from mcl_jax.data import input_pipeline  # pylint: disable=import-outside-toplevel
   images, labels, splits = input_pipeline.digits_arrays(float(heldout_fraction))
   tr, te = splits['train'], splits['heldout']
-  rule = (f'by digit side: small {DIGIT_SIDES[0]}-{DIGIT_SIZE_EDGES[0] - 1} px, medium '
-          f'{DIGIT_SIZE_EDGES[0]}-{DIGIT_SIZE_EDGES[1] - 1} px, large '
-          f'{DIGIT_SIZE_EDGES[1]}-{DIGIT_SIDES[1]} px')
   return ProbeData(
-      name=f'digit_scenes ({size} px)',
+      name=f'digit_scenes ({size} px, digits {sides[0]}-{sides[1]} px)',
       train=make_digit_scenes(images[tr], labels[tr], num_train, seed=2 * seed, size=size,
-                              digit_ids=tr),
+                              sides=sides, digit_ids=tr),
       test=make_digit_scenes(images[te], labels[te], num_test, seed=2 * seed + 1, size=size,
-                             digit_ids=te),
-      num_classes=11, class_names=DIGIT_CLASS_NAMES, size_rule=rule)
+                             sides=sides, digit_ids=te),
+      num_classes=11, class_names=DIGIT_CLASS_NAMES,
+      size_rule=size_rule(sides))
 
 
 # --------------------------------------------------------------------- VOC --

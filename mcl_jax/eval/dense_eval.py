@@ -326,14 +326,15 @@ def fit_and_score(train_maps, train_labels, test_maps, test_set: seg_data.Segmen
 
 @functools.lru_cache(maxsize=4)
 def _digit_scenes(heldout_fraction: float, num_train: int, num_test: int, seed: int,
-                  size: int):
-  return seg_data.digit_scenes(heldout_fraction, num_train, num_test, seed, size)
+                  size: int, sides: tuple[int, int]):
+  return seg_data.digit_scenes(heldout_fraction, num_train, num_test, seed, size, sides)
 
 
 def load_probe_data(config, dataset: str = 'digit_scenes', *, voc_root: str | None = None,
                     image_size: int | None = None, num_train: int | None = None,
                     num_test: int | None = None, data_seed: int = 0,
-                    train_split: str = 'train', test_split: str = 'val'):
+                    train_split: str = 'train', test_split: str = 'val',
+                    digit_sides: tuple[int, int] | None = None):
   """The probe's ProbeData (digit scenes are cached per argument set).
 
   Args:
@@ -345,12 +346,15 @@ def load_probe_data(config, dataset: str = 'digit_scenes', *, voc_root: str | No
       or caps on the listed ids (voc; default all).
     data_seed: digit_scenes seed.
     train_split, test_split: VOC split files.
+    digit_sides: (min, max) digit side of digit_scenes (default 8, 32); the
+      size bins are the thirds of its log range.
   """
   if dataset == 'digit_scenes':
     return _digit_scenes(float(config.data.digits_heldout_fraction),
                          num_train or seg_data.NUM_TRAIN_SCENES,
                          num_test or seg_data.NUM_TEST_SCENES, int(data_seed),
-                         image_size or seg_data.SCENE_SIZE)
+                         image_size or seg_data.SCENE_SIZE,
+                         tuple(int(v) for v in (digit_sides or seg_data.DIGIT_SIDES)))
   if dataset == 'voc':
     if not voc_root:
       raise DenseEvalError("dataset 'voc' needs a VOC-layout folder (--voc_root)")
