@@ -203,7 +203,7 @@ def curves(root: str, seeds, models=('mcl', 'level0'), window=50) -> str:
           (levels_of(next(v for (mm, _), v in runs.items() if mm == m))
            if any(mm == m for mm, _ in runs) else [])]
   n = min(v[-1]['step'] for v in runs.values())
-  lines = [f'| steps | ' + ' | '.join(f'{m} L{lvl}' for m, lvl in cols) + ' |',
+  lines = ['| steps | ' + ' | '.join(f'{m} L{lvl}' for m, lvl in cols) + ' |',
            '| --- ' * (len(cols) + 1) + '|']
   for end in range(window, n + 1, window):
     cells = []
