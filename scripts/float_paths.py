@@ -8,7 +8,7 @@ numerical comparison records its error against its tolerance
 family came.
 
   python scripts/float_paths.py                  # the numerical files, every path
-  python scripts/float_paths.py --all            # the whole suite
+  python scripts/float_paths.py --all --workers 2  # the whole suite, as the README runs it
   python scripts/float_paths.py --paths default,one_core tests/test_heads.py
 
 Paths:
@@ -106,7 +106,12 @@ def main(argv=None):
   parser.add_argument('--paths', default=','.join(PATHS), help='comma-separated, of ' +
                       ', '.join(PATHS))
   parser.add_argument('--out', help='also write the tables (markdown) and the raw records here')
+  parser.add_argument('--workers', type=int, default=0,
+                      help='pytest-xdist workers, one test file each (-n N --dist loadfile); '
+                      '0: one process')
   args, extra = parser.parse_known_args(argv)
+  if args.workers:
+    extra += ['-n', str(args.workers), '--dist', 'loadfile']
   files = ['tests'] if args.all else (args.files or numerical_files())
   names = args.paths.split(',')
   unknown = set(names) - set(PATHS)
