@@ -59,7 +59,8 @@ def numerical_files() -> list[str]:
   return out
 
 
-def run_path(name: str, files: list[str], report: str, extra: list[str]) -> dict:
+def run_path(name: str, files: list[str], report: str, extra: list[str],
+             log: str | None = None) -> dict:
   prefix, flags = PATHS[name]
   env = dict(os.environ, XLA_FLAGS=flags, MCL_TOL_REPORT=report, PYTHONPATH=ROOT)
   cmd = [*prefix, sys.executable, '-m', 'pytest', '-q', '-rfEs', '-p', 'no:cacheprovider', *extra,
@@ -67,6 +68,9 @@ def run_path(name: str, files: list[str], report: str, extra: list[str]) -> dict
   start = time.monotonic()
   p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
   seconds = time.monotonic() - start
+  if log:  # the whole output: a failure's message and traceback
+    with open(log, 'w') as f:
+      f.write(p.stdout + p.stderr)
   lines = p.stdout.strip().splitlines()
   summary = lines[-1] if lines else p.stderr.strip()[-200:]
   failed = [l for l in lines if l.startswith(('FAILED', 'ERROR'))]
@@ -105,7 +109,8 @@ def main(argv=None):
   parser.add_argument('--all', action='store_true', help='the whole suite (tests/)')
   parser.add_argument('--paths', default=','.join(PATHS), help='comma-separated, of ' +
                       ', '.join(PATHS))
-  parser.add_argument('--out', help='also write the tables (markdown) and the raw records here')
+  parser.add_argument('--out', help='also write the tables (markdown), the raw records and '
+                      "each path's pytest output (PATH.log) here")
   parser.add_argument('--workers', type=int, default=0,
                       help='pytest-xdist workers, one test file each (-n N --dist loadfile); '
                       '0: one process')
@@ -127,7 +132,7 @@ def main(argv=None):
     if os.path.exists(report):
       os.remove(report)
     print(f'== {name}: {" ".join(PATHS[name][0])} XLA_FLAGS={PATHS[name][1]!r}', flush=True)
-    r = run_path(name, files, report, extra)
+    r = run_path(name, files, report, extra, log=os.path.join(tmp, f'{name}.log'))
     results.append(r)
     worst[name] = margins(report)
     print(f'   {r["summary"]} ({r["seconds"]:.0f} s, load {r["load"]:.1f})', flush=True)
