@@ -12,6 +12,7 @@ Models (each with seeds --seeds, default 0 1 2; --models picks some):
   supervised  configs/demo_supervised.py  supervised MCL
   random      no pretraining: a random init of the demo model, drawn with
               the seed (the same draw `dense_eval` prints beside a checkpoint)
+  level0_random_fpn  a diagnosis: level0's backbone under the FPN of `random`
 
 Pretraining runs `python main.py` once per (model, seed) in ROOT/<model>_s<seed>
 (rerunning resumes an interrupted run and skips finished ones), logs to
@@ -39,7 +40,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 CONFIGS = {'mcl': 'configs/demo.py', 'level0': 'configs/demo_level0.py',
            'supervised': 'configs/demo_supervised.py'}
-MODELS = ('random', 'mcl', 'level0', 'supervised')
+MODELS = ('random', 'mcl', 'level0', 'supervised', 'level0_random_fpn')
+# A diagnosis, not an arm: the level-0 backbone under the random init's FPN
+# (the level-0 loss never trains the FPN's P2-P4 convolutions).
+DIAGNOSES = {'level0_random_fpn': 'level0'}
 FEATURES = ('fpn', 'P2')
 SCENE_SIZE = 128  # probe scenes: 128 px, digits 8-64 px (the 64 px model's tile sides)
 DIGIT_SIDES = (8, 64)
@@ -118,12 +122,15 @@ def probe(root: str, seeds, models=MODELS, features=FEATURES, scene_size=SCENE_S
         variables = dense_eval.random_variables(dense_eval.create_model(config), seed=seed)
         step = 0
       else:
-        wd = workdir(root, model, seed)
+        wd = workdir(root, DIAGNOSES.get(model, model), seed)
         step = finished_step(wd)
         if step is None:
           print(f'{model} seed {seed}: pretraining not finished, skipped', flush=True)
           continue
         config, variables = checkpointing.load_variables(wd, step=step)
+        if model == 'level0_random_fpn':
+          drawn = dense_eval.random_variables(dense_eval.create_model(config), seed=seed)
+          variables = {k: {**variables[k], 'fpn': drawn[k]['fpn']} for k in variables}
       for feat in todo:
         t0 = time.time()
         r = dense_eval.probe_variables(config, variables, data, feat)
@@ -251,7 +258,9 @@ def per_seed(results, feature: str, metrics=('miou', 'miou_small'), models=MODEL
 
 
 def compare(results, feature: str, pairs=(('mcl', 'level0'), ('mcl', 'random'),
-                                          ('level0', 'random'), ('supervised', 'mcl'))) -> str:
+                                          ('level0', 'random'), ('supervised', 'mcl'),
+                                          ('mcl', 'level0_random_fpn'),
+                                          ('level0_random_fpn', 'random'))) -> str:
   """Differences of means with Welch's t-test over seeds (two-sided p)."""
   import numpy as np  # pylint: disable=import-outside-toplevel
   from scipy import stats  # pylint: disable=import-outside-toplevel
