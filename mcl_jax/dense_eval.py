@@ -16,6 +16,7 @@ import argparse
 from typing import Any
 
 from mcl_jax import cli, paths
+from mcl_jax.data import segmentation as seg_data
 from mcl_jax.eval import dense_eval
 
 
@@ -42,8 +43,9 @@ def parse_args(argv=None) -> argparse.Namespace:
              help='probe-test scenes (default 500) / cap on VOC ids')
   p.add_flag('data_seed', type=int, default=0)
   p.add_flag('digit_sides', type=int, nargs=2, default=None, metavar=('MIN', 'MAX'),
-             help='digit_scenes: smallest and largest digit side in px (default 8 32); '
-             'size bins are the thirds of the log range')
+             help='digit_scenes: smallest and largest digit side in px (default '
+             f'{seg_data.DIGIT_SIDES[0]} {seg_data.DIGIT_SIDES[1]}); size bins are the '
+             'thirds of the log range')
   p.add_argument('--seed', type=int, default=None, help='random-init seed (default: config)')
   p.add_argument('--png', default=None,
                  help="test scenes picture (default WORKDIR/dense_probe.png; 'none': skip)")
@@ -61,7 +63,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.dataset != 'digit_scenes':
       p.error('--digit_sides applies to --dataset digit_scenes only')
     lo, hi = args.digit_sides
-    size = args.image_size or 64
+    size = args.image_size or seg_data.SCENE_SIZE
     if not 1 <= lo <= hi <= size:
       p.error(f'--digit_sides {lo} {hi}: need 1 <= MIN <= MAX <= the scene side ({size})')
   return args

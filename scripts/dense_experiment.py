@@ -202,21 +202,19 @@ def learning(root: str, seeds, models=('mcl', 'level0'), first=5, last=20,
 def curves(root: str, seeds, models=('mcl', 'level0'), window=50) -> str:
   """Per-level loss, mean over seeds of `window`-step means: the learning curves."""
   import numpy as np  # pylint: disable=import-outside-toplevel
-  runs = {(m, s): metrics_of(root, m, s) for m in models for s in seeds}
-  runs = {k: v for k, v in runs.items() if v}
+  runs = {m: [rows for rows in (metrics_of(root, m, s) for s in seeds) if rows] for m in models}
+  runs = {m: v for m, v in runs.items() if v}
   if not runs:
     return ''
-  cols = [(m, lvl) for m in models for lvl in
-          (levels_of(next(v for (mm, _), v in runs.items() if mm == m))
-           if any(mm == m for mm, _ in runs) else [])]
-  n = min(v[-1]['step'] for v in runs.values())
+  cols = [(m, lvl) for m, v in runs.items() for lvl in levels_of(v[0])]
+  n = min(rows[-1]['step'] for v in runs.values() for rows in v)
   lines = ['| steps | ' + ' | '.join(f'{m} L{lvl}' for m, lvl in cols) + ' |',
            '| --- ' * (len(cols) + 1) + '|']
   for end in range(window, n + 1, window):
     cells = []
     for m, lvl in cols:
       v = [np.mean([r[f'loss_level{lvl}'] for r in rows if end - window < r['step'] <= end])
-           for (mm, _), rows in runs.items() if mm == m]
+           for rows in runs[m]]
       cells.append(f'{np.mean(v):.3f}')
     lines.append(f'| {end - window + 1}-{end} | ' + ' | '.join(cells) + ' |')
   return '\n'.join(lines)

@@ -45,7 +45,7 @@ def digits():
 
 
 def test_size_edges_are_the_thirds_of_the_log_range():
-  assert sd.size_edges() == sd.DIGIT_SIZE_EDGES == (13, 21)  # 8 * 4^(1/3) = 12.7, 20.2
+  assert sd.size_edges() == (13, 21)  # 8 * 4^(1/3) = 12.7, 20.2
   # 8 * 8^(1/3) is 16.000000000000004 in floats: the edge is still 16.
   assert sd.size_edges((8, 64)) == (16, 32)
   assert sd.size_rule((8, 64)) == ('by digit side: small 8-15 px, medium 16-31 px, '

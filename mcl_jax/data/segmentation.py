@@ -40,7 +40,6 @@ SIZE_NAMES = ('small', 'medium', 'large')
 # digit_scenes
 SCENE_SIZE = 64
 DIGIT_SIDES = (8, 32)
-DIGIT_SIZE_EDGES = (13, 21)  # side < 13: small, < 21: medium, else large
 DIGITS_PER_SCENE = (2, 6)
 NOISE = 12  # uniform pixel noise in [-NOISE, NOISE] over the whole scene
 NUM_TRAIN_SCENES = 1000
@@ -148,8 +147,8 @@ def size_edges(sides=DIGIT_SIDES) -> tuple[int, int]:
   """The small / medium and medium / large edges: thirds of the log-side range.
 
   A side below the first edge is small, below the second medium. For the
-  default 8..32 px these are DIGIT_SIZE_EDGES (13, 21); for 8..64 px, 16 and
-  32, so each bin holds one octave of tile sizes.
+  default 8..32 px these are 13 and 21; for 8..64 px, 16 and 32, so each bin
+  holds one octave of tile sizes.
   """
   lo, hi = float(sides[0]), float(sides[1])
   # round() first: 8 * 8 ** (1/3) is 16.000000000000004 in floats, and a
@@ -157,7 +156,7 @@ def size_edges(sides=DIGIT_SIDES) -> tuple[int, int]:
   return tuple(int(np.ceil(round(lo * (hi / lo) ** (k / 3), 6))) for k in (1, 2))
 
 
-def size_bin_of_side(side: int, edges=DIGIT_SIZE_EDGES) -> int:
+def size_bin_of_side(side: int, edges) -> int:
   """0 small, 1 medium, 2 large (`edges` from `size_edges`)."""
   return int(np.searchsorted(edges, side, side='right'))
 
