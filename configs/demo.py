@@ -4,11 +4,11 @@ Run:  python main.py --config=configs/demo.py --workdir=runs/demo
 
 Hardware: any CPU; 600 steps of batch 64 (about 27 epochs of the 1,438
 training digits) on 64 px canvases. On 2 free AMD EPYC cores the step runs
-at about 82 img/s: about 8 min of training, 9-10 min end to end after the
-install (estimated from that rate; one core of a nearly quiet machine took
-10.1 min for the command at 72 img/s; the figures below were measured on a
-shared 2-core machine at a load average of 1-12, where one run took 10-22
-min). A narrow ResNet-18-style FPN sees 64 px canvases, so every montage
+at about 128 img/s: the README's command took 6.5 min end to end from a
+fresh clone, install included (packages in pip's cache); one core of a
+nearly quiet machine took 10.1 min at 72 img/s; the figures below were
+measured on a shared 2-core machine at a load average of 1-12, where one run
+took 10-22 min. A narrow ResNet-18-style FPN sees 64 px canvases, so every montage
 level maps to a 2x2 region on its FPN level (64 / 32) and the reference's
 reshape path works unchanged; the level-3 tiles are 8 px, the digits' native
 size.
