@@ -351,7 +351,7 @@ def write_atomic(path, data: str | bytes):
     except FileNotFoundError as e:
       raise StorageError(f'{path}: cannot be written: bucket gs://{split(path)[0]} does not '
                          'exist') from e
-    except (OSError, RuntimeError, ValueError) as e:
+    except _request_errors() as e:
       raise StorageError(f'{path}: cannot be written ({describe(e)})') from e
     return
   tmp = f'{path}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp'
@@ -462,7 +462,7 @@ class AppendFile:
           fs.rm_file(part)
         except OSError:
           pass  # a leftover part is removed by remove_leftover_parts
-    except (OSError, RuntimeError, ValueError) as e:
+    except _request_errors() as e:
       raise StorageError(f'{self.path}: appending {len(data)} bytes failed '
                          f'({describe(e)}); they are kept for the next flush') from e
 
@@ -552,20 +552,48 @@ def check_writable(path) -> bool:
   except FileNotFoundError as e:
     raise StorageError(f'bucket gs://{bucket} does not exist (workdir {path}): create it '
                        f'(gcloud storage buckets create gs://{bucket}) or fix the path') from e
-  except (OSError, RuntimeError, ValueError) as e:
+  except _request_errors() as e:
     raise _access_error(path, 'is not writable', e) from e
   try:
     return not exists(path)
-  except (OSError, RuntimeError, ValueError) as e:
+  except _request_errors() as e:
     raise _access_error(path, 'cannot be listed', e) from e
 
 
-def _access_error(path, what: str, e: BaseException) -> StorageError:
+def _request_errors() -> tuple[type[BaseException], ...]:
+  """What a failed gs:// request raises through gcsfs.
+
+  OSError (gcsfs's 403 and 404, aiohttp's connection errors), ValueError
+  (400), RuntimeError, and gcsfs's HttpError for every other status (401,
+  or 429 and 5xx once its retries are spent), which is none of those.
+  """
+  from gcsfs import retry  # pylint: disable=import-outside-toplevel
+  return (OSError, RuntimeError, ValueError, retry.HttpError)
+
+
+def _status(e: BaseException) -> int | None:
+  """The HTTP status behind a gcsfs error, or None.
+
+  gcsfs raises HttpError (with .code) for most statuses, a failed refresh
+  of the credentials included (as 401), but a plain OSError('Forbidden:
+  URL ...') for 403. The status is never searched for in the message: that
+  holds the request's URL, whose port or object name may contain any digits
+  or words (a proxy on port 40195 once made a 403 read as a 401).
+  """
   code = getattr(e, 'code', None)
-  if code == 401 or 'Unauthorized' in str(e) or '401' in str(e)[:40]:
+  if isinstance(code, int):
+    return code
+  if isinstance(e, OSError) and str(e).startswith('Forbidden: '):
+    return 403
+  return None
+
+
+def _access_error(path, what: str, e: BaseException) -> StorageError:
+  status = _status(e)
+  if status == 401:
     return StorageError(f'{path} {what}: the credentials were refused ({describe(e)}): '
                         f'{CREDENTIALS_HELP}')
-  if 'Forbidden' in str(e) or code == 403:
+  if status == 403:
     return StorageError(f'{path} {what}: permission denied ({describe(e)}): give the '
                         'account the Storage Object User role on the bucket, or choose another '
                         'path')

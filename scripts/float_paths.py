@@ -2,7 +2,7 @@
 
 XLA's CPU kernels sum in an order that depends on the thread count, the
 device count and the kernels compiled for the CPU's vector ISA. Each path
-below changes one of them; the suite must pass under every one, and every
+below changes one of them (or, for one_core, the scheduling); the suite must pass under every one, and every
 numerical comparison records its error against its tolerance
 (tests/tolerance.py, MCL_TOL_REPORT), so the table shows how close each test
 family came.
@@ -13,8 +13,14 @@ family came.
 
 Paths:
   default    what tests/conftest.py sets: 8 simulated devices, all cores
-  one_core   the same, pinned to one core (taskset -c 0): XLA's CPU thread
-             pool splits reductions differently
+  one_core   the same, pinned to one core (taskset -c 0): every thread
+             and subprocess time-sliced on one core (signals, timeouts,
+             proxies). XLA's thread pool keeps its size, max(cores,
+             devices): 8 threads in pytest, 2 in the main.py runs
+             (tests/subprocess_runs.py pins those)
+  threads16  XLA's CPU thread pool with 16 threads (NPROC=16, which XLA
+             reads as the core count): its kernels split reductions 16
+             ways, in pytest and in the main.py runs
   devices4   4 simulated devices: other shardings and per-device shapes
              (tests that need 8 devices skip)
   sse4       kernels compiled for SSE4.2 (--xla_cpu_max_isa=SSE4_2): the
@@ -37,13 +43,14 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # tests/conftest.py adds --xla_force_host_platform_device_count=8 and
 # --xla_backend_optimization_level=0 where XLA_FLAGS does not set them.
-# name: (command prefix, XLA_FLAGS)
+# name: (command prefix, XLA_FLAGS, NPROC or '' for the machine's cores)
 PATHS = {
-    'default': ([], ''),
-    'one_core': (['taskset', '-c', '0'], ''),
-    'devices4': ([], '--xla_force_host_platform_device_count=4'),
-    'sse4': ([], '--xla_cpu_max_isa=SSE4_2'),
-    'llvm_o3': ([], '--xla_backend_optimization_level=3'),
+    'default': ([], '', ''),
+    'one_core': (['taskset', '-c', '0'], '', ''),
+    'threads16': ([], '', '16'),
+    'devices4': ([], '--xla_force_host_platform_device_count=4', ''),
+    'sse4': ([], '--xla_cpu_max_isa=SSE4_2', ''),
+    'llvm_o3': ([], '--xla_backend_optimization_level=3', ''),
 }
 
 
@@ -61,8 +68,11 @@ def numerical_files() -> list[str]:
 
 def run_path(name: str, files: list[str], report: str, extra: list[str],
              log: str | None = None) -> dict:
-  prefix, flags = PATHS[name]
+  prefix, flags, nproc = PATHS[name]
   env = dict(os.environ, XLA_FLAGS=flags, MCL_TOL_REPORT=report, PYTHONPATH=ROOT)
+  env.pop('NPROC', None)
+  if nproc:
+    env['NPROC'] = nproc
   cmd = [*prefix, sys.executable, '-m', 'pytest', '-q', '-rfEs', '-p', 'no:cacheprovider', *extra,
          *files]
   start = time.monotonic()
@@ -131,7 +141,9 @@ def main(argv=None):
     report = os.path.join(tmp, f'{name}.jsonl')
     if os.path.exists(report):
       os.remove(report)
-    print(f'== {name}: {" ".join(PATHS[name][0])} XLA_FLAGS={PATHS[name][1]!r}', flush=True)
+    prefix, flags, nproc = PATHS[name]
+    print(f'== {name}: {" ".join(prefix)} XLA_FLAGS={flags!r}' +
+          (f' NPROC={nproc}' if nproc else ''), flush=True)
     r = run_path(name, files, report, extra, log=os.path.join(tmp, f'{name}.log'))
     results.append(r)
     worst[name] = margins(report)

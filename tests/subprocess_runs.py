@@ -18,6 +18,15 @@ The runs compile with the XLA flags of the pytest process (a float path
 chosen by the caller, scripts/float_paths.py), with the device count and
 the optimisation level replaced as above.
 
+Every run also gets the same XLA CPU thread count, whatever the machine.
+XLA sizes a process's intra-op thread pool as max(cores, devices), and the
+pool's size decides how a long reduction is split (the stem convolution's
+weight gradient sums over the whole batch). On one core, a 1-process run
+on 2 devices gets two threads and each process of a 2-process run one, so
+the two would sum in different orders from the first step. XLA reads the
+core count from NPROC when it is set; env() passes the caller's NPROC on,
+or sets it to 2.
+
 Two runs of the same program on the same state (a resumed run and the
 uninterrupted one; two processes and one process with the same per-device
 work) are expected to agree bit for bit; the comparisons allow each value
@@ -57,6 +66,8 @@ FLAGS = ('--config=configs/test_tiny.py', f'--config.optim.num_steps={NUM_STEPS}
          '--config.augment.blur_p=(1.0,0.1)', '--config.augment.solarize_p=(0.0,0.2)',
          '--config.augment.grayscale_p=(0.2,0.2)', '--config.augment.jitter_p=(0.8,0.8)')
 TIMEOUT_S = 900
+# XLA CPU threads of every run (see the module docstring), unless NPROC is set.
+THREADS = 2
 
 _ROOT = None
 _REFERENCE = None
@@ -97,7 +108,8 @@ def env(num_devices: int, **extra) -> dict:
                           '--xla_backend_optimization_level=0', *inherited]),
       JAX_COMPILATION_CACHE_DIR=cache_dir(),
       JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
-      JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='-1')
+      JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='-1',
+      NPROC=os.environ.get('NPROC') or str(THREADS))
   e.update({k: str(v) for k, v in extra.items()})
   return e
 

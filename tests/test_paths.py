@@ -132,6 +132,30 @@ def test_append_file_keeps_bytes_when_the_server_is_down(gcs, gs_bucket, monkeyp
   assert paths.read_text(path) == 'first\nsecond\nthird\n'
 
 
+def test_append_file_keeps_bytes_when_the_server_answers_503(gcs, gs_bucket, monkeypatch):
+  """A 5xx once gcsfs's retries are spent (its HttpError, not an OSError) keeps them too."""
+  path = gs_bucket + '/train.log'
+  log = paths.AppendFile(path)
+  log.write('first\n')
+  log.flush()
+  gcs_server.fast_gcsfs_retries(monkeypatch)
+  proxy = gcs_server.RefusingProxy(gcs.url, lambda method, path: 503)
+  try:
+    monkeypatch.setenv('STORAGE_EMULATOR_HOST', proxy.url)
+    monkeypatch.setattr(paths, '_FS', None)
+    log.write('second\n')
+    with pytest.raises(paths.StorageError, match=r'HttpError 503: .*kept for the next flush'):
+      log.flush()
+    assert log.pending == len('second\n')
+  finally:
+    proxy.close()
+    monkeypatch.setenv('STORAGE_EMULATOR_HOST', gcs.url)
+    monkeypatch.setattr(paths, '_FS', None)
+  log.write('third\n')
+  log.close()
+  assert paths.read_text(path) == 'first\nsecond\nthird\n'
+
+
 def test_move_tree_copies_then_deletes_the_commit_marker_first(root):
   src, dst = paths.join(root, '4'), paths.join(root, '4.corrupt')
   paths.makedirs(paths.join(src, 'default'))
@@ -175,6 +199,36 @@ def test_check_writable_says_when_writes_are_refused(gcs, gs_bucket, monkeypatch
     monkeypatch.setattr(paths, '_FS', None)
     with pytest.raises(paths.StorageError,
                        match=r'/run is not writable: permission denied .*Storage Object User'):
+      paths.check_writable(gs_bucket + '/run')
+  finally:
+    proxy.close()
+
+
+def _proxy_on_port_with(digits: str, upstream: str, refuse):
+  """A RefusingProxy on the first free port whose number contains `digits`."""
+  for port in range(int(digits) * 100, int(digits) * 100 + 100):
+    try:
+      return gcs_server.RefusingProxy(upstream, refuse, port=port)
+    except OSError:  # in use
+      continue
+  pytest.skip(f'no free port {digits}xx on 127.0.0.1')
+
+
+@pytest.mark.parametrize('status, other, says', [
+    (403, '401', r'permission denied .*Storage Object User role'),
+    (401, '403', r'the credentials were refused .*gcloud auth application-default login'),
+])
+def test_refusals_are_told_apart_by_status_not_by_the_url(gcs, gs_bucket, monkeypatch,
+                                                          status, other, says):
+  """The error's URL holds the proxy's port, which here contains the other status's digits."""
+  gcs_server.fast_gcsfs_retries(monkeypatch)  # gcsfs retries a 401 before it gives up
+  proxy = _proxy_on_port_with(
+      other, gcs.url, lambda method, path: gcs_server.refuse_uploads(method, path) and status)
+  try:
+    assert other in proxy.url.rsplit(':', 1)[1]
+    monkeypatch.setenv('STORAGE_EMULATOR_HOST', proxy.url)
+    monkeypatch.setattr(paths, '_FS', None)
+    with pytest.raises(paths.StorageError, match=rf'/run is not writable: {says}'):
       paths.check_writable(gs_bucket + '/run')
   finally:
     proxy.close()

@@ -190,10 +190,11 @@ class RefusingProxy:
 
   `refuse(method, path)` returns an HTTP status (e.g. 403) to answer with,
   as GCS would (a JSON error body), or None to forward the request. For the
-  errors a test server cannot produce by itself: a write refused by IAM.
+  errors a test server cannot produce by itself: a write refused by IAM
+  (403), credentials refused (401). `port`: 0 for any free one.
   """
 
-  def __init__(self, upstream: str, refuse):
+  def __init__(self, upstream: str, refuse, port: int = 0):
     import http.client  # pylint: disable=import-outside-toplevel
     import http.server  # pylint: disable=import-outside-toplevel
     import threading  # pylint: disable=import-outside-toplevel
@@ -207,9 +208,8 @@ class RefusingProxy:
         body = self.rfile.read(int(self.headers.get('Content-Length') or 0))
         status = refuse(self.command, self.path)
         if status:
-          payload = json.dumps({'error': {'code': status, 'message': (
-              'test-account does not have storage.objects.create access to the '
-              'Google Cloud Storage object. Permission denied.')}}).encode()
+          payload = json.dumps({'error': {'code': status, 'message': _MESSAGES.get(
+              status, 'Refused by the test proxy.')}}).encode()
           self.send_response(status)
           self.send_header('Content-Type', 'application/json')
           self.send_header('Content-Length', str(len(payload)))
@@ -236,7 +236,7 @@ class RefusingProxy:
       def log_message(self, *args):  # quiet
         pass
 
-    self._server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), Handler)
+    self._server = http.server.ThreadingHTTPServer(('127.0.0.1', port), Handler)
     self.url = f'http://127.0.0.1:{self._server.server_address[1]}'
     self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
     self._thread.start()
@@ -244,6 +244,14 @@ class RefusingProxy:
   def close(self):
     self._server.shutdown()
     self._server.server_close()
+
+
+# What GCS answers with these statuses.
+_MESSAGES = {
+    401: 'Invalid Credentials',
+    403: ('test-account does not have storage.objects.create access to the Google Cloud '
+          'Storage object. Permission denied.'),
+}
 
 
 def refuse_uploads(method: str, path: str) -> int | None:
