@@ -2,10 +2,10 @@
 
 XLA's CPU kernels sum in an order that depends on the thread count, the
 device count and the kernels compiled for the CPU's vector ISA. Each path
-below changes one of them (or, for one_core, the scheduling); the suite must pass under every one, and every
-numerical comparison records its error against its tolerance
-(tests/tolerance.py, MCL_TOL_REPORT), so the table shows how close each test
-family came.
+below changes one of them (one_core: the scheduling); the suite must pass
+under every one, and every numerical comparison records its error against
+its tolerance (tests/tolerance.py, MCL_TOL_REPORT), so the table shows how
+close each test family came.
 
   python scripts/float_paths.py                  # the numerical files, every path
   python scripts/float_paths.py --all --workers 2  # the whole suite, as the README runs it
