@@ -63,7 +63,7 @@ class MissingDependencyError(RuntimeError):
 # classifying needs none of the heavy modules that define them; tools run as
 # `python -m` define theirs in __main__.
 USAGE_ERRORS = frozenset({'UsageError', 'ConfigError', 'ArgumentError'})
-RUNTIME_ERRORS = frozenset({'CheckpointError', 'DatasetNotFoundError', 'NonFiniteError',
+RUNTIME_ERRORS = frozenset({'RunError', 'CheckpointError', 'DatasetNotFoundError', 'NonFiniteError',
                             'ExportError', 'MissingDependencyError', 'DenseEvalError',
                             'SegmentationDataError', 'StorageError'})
 
