@@ -6,21 +6,15 @@ import optax
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from configs import test_tiny
 from mcl_jax.nn import model as model_lib
 from mcl_jax.training import state as state_lib
 from mcl_jax.training import optim
 from mcl_jax.training import step as step_lib
 from mcl_jax.pretext import montage
 from tests import tolerance
+from tests.tiny_config import tiny_config
 
 F32 = np.float32
-
-
-def _tiny(global_batch=64):
-  c = test_tiny.get_config()
-  c.optim.global_batch = global_batch
-  return c
 
 
 def _one_step(config, num_devices, crops, labels, num_steps=10, before=None):
@@ -45,7 +39,7 @@ def test_one_step_on_one_and_eight_devices_agree():
   """Same global batch on 1 and 8 devices: same loss and updated params (f32)."""
   if jax.device_count() < 8:  # tests/conftest.py simulates 8 unless XLA_FLAGS is set outside
     pytest.skip(f'needs 8 devices, has {jax.device_count()}')
-  config = _tiny()
+  config = tiny_config(**{'optim.global_batch': 64})
   # Two levels (4 crops) and one neck conv: the same sharded step, half the
   # program to compile twice.
   config.loss.level_weights = (0.5, 0.5)
