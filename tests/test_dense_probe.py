@@ -321,7 +321,7 @@ def tiny_workdir(tmp_path_factory):
 @pytest.fixture
 def short_probe(monkeypatch):
   """The CLI tests check the wiring: 50 probe steps instead of the recipe's 500."""
-  monkeypatch.setattr(dense_eval, 'PROBE_STEPS', 50)
+  monkeypatch.setattr(dense_probe, 'PROBE_STEPS', 50)
 
 
 def _run_cli(argv):
