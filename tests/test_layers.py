@@ -27,6 +27,7 @@ _LAYERS = {
     'mcl_jax.pretext': 4,
     'mcl_jax.eval': 5,
     'mcl_jax.training': 6,
+    'mcl_jax.detection': 7,  # fine-tuning and detection evaluation: uses eval and training
     'mcl_jax.testing': 7,
     'mcl_jax.evaluate': 7,
     'mcl_jax.dense_eval': 7,
@@ -41,8 +42,14 @@ _LAYERS = {
 
 
 def layer_of(module: str) -> int:
-  """The layer of a dotted module name (its longest prefix in `_LAYERS`)."""
+  """The layer of a dotted module name (its longest prefix in `_LAYERS`).
+
+  A subpackage of mcl_jax must be named itself: it does not fall back to the
+  leaves' layer of the bare package.
+  """
   parts = module.split('.')
+  if len(parts) > 2 and parts[0] == 'mcl_jax' and '.'.join(parts[:2]) not in _LAYERS:
+    raise KeyError(f'{module}: no layer for its subpackage; add it to _LAYERS')
   for n in range(len(parts), 0, -1):
     prefix = '.'.join(parts[:n])
     if prefix in _LAYERS:
