@@ -45,6 +45,7 @@ from mcl_jax.data import input_pipeline
 from mcl_jax.data import stream
 from mcl_jax.data.lazy_tf import tf as _tf
 from mcl_jax.data.spec import DataSpec
+from benchmarks import compiled_stats
 
 PHOTOS = ('astronaut', 'chelsea', 'coffee', 'rocket', 'immunohistochemistry',
           'hubble_deep_field')
@@ -129,13 +130,6 @@ def alternate(iters: dict, batch: int, rounds: int, seconds: float) -> dict:
           for name, v in rates.items()}
 
 
-def _flops(compiled) -> float:
-  cost = compiled.cost_analysis()
-  if isinstance(cost, (list, tuple)):
-    cost = cost[0] if cost else None
-  return float(cost.get('flops', float('nan'))) if cost else float('nan')
-
-
 def device_crop_ms(batch: int, num_crops: int, size: int, max_side: int,
                    iters: int, seed: int = 0) -> dict:
   """Median ms per `crop_batch` call under jit on 500x375-like buffers."""
@@ -165,7 +159,7 @@ def device_crop_ms(batch: int, num_crops: int, size: int, max_side: int,
   ms = 1000 * statistics.median(times)
   return {'batch': batch, 'max_side': max_side, 'size': size,
           'ms_per_batch': ms, 'images_per_s': batch / ms * 1000,
-          'gflop_per_image': _flops(compiled) / batch / 1e9,
+          'gflop_per_image': compiled_stats.flops(compiled) / batch / 1e9,
           'compile_s': compile_s, 'iters': iters}
 
 

@@ -11,7 +11,7 @@ import re
 import statistics
 import time
 
-from benchmarks.train_step import _flops
+from benchmarks.compiled_stats import flops
 
 
 def breakdown(config, mesh, state, crops_u8, labels, step, args) -> dict:
@@ -43,7 +43,7 @@ def breakdown(config, mesh, state, crops_u8, labels, step, args) -> dict:
   def add(name, fn, *a):
     t = time.perf_counter()
     c = jax.jit(fn).lower(*a).compile()
-    info[name] = {'compile_s': time.perf_counter() - t, 'flops': _flops(c)}
+    info[name] = {'compile_s': time.perf_counter() - t, 'flops': flops(c)}
     print(f'  compiled part {name} in {info[name]["compile_s"]:.1f} s', flush=True)
     parts[name] = (c, a)
     return c(*a)

@@ -42,14 +42,13 @@ Examples:
 """
 
 import argparse
-import contextlib
 import json
-import logging
 import os
-import re
 import statistics
 import time
 import warnings
+
+from benchmarks import compiled_stats
 
 
 PRESETS = {
@@ -116,94 +115,6 @@ def set_small_map_convs(mode: str):
   """
   from mcl_jax.nn import resnet
   resnet.DENSE_MAX_OUTPUT_PIXELS = {'dense': 4, 'xla': 0}[mode]
-
-
-def _flops(compiled) -> float:
-  cost = compiled.cost_analysis()
-  if isinstance(cost, (list, tuple)):
-    cost = cost[0] if cost else None
-  return float(cost.get('flops', float('nan'))) if cost else float('nan')
-
-
-def _memory(compiled, device) -> dict:
-  """Device peak (memory_stats) where available, plus the compiled sizes."""
-  out = {}
-  stats = None
-  with contextlib.suppress(Exception):
-    stats = device.memory_stats()
-  if stats:
-    out['peak_bytes_in_use'] = stats.get('peak_bytes_in_use')
-    out['bytes_limit'] = stats.get('bytes_limit')
-  else:
-    out['peak_bytes_in_use'] = None  # 'n/a' (the CPU backend keeps no statistics)
-  with contextlib.suppress(Exception):
-    ma = compiled.memory_analysis()
-    for k in ('argument_size_in_bytes', 'output_size_in_bytes', 'alias_size_in_bytes',
-              'temp_size_in_bytes', 'generated_code_size_in_bytes'):
-      out[k] = getattr(ma, k, None)
-    out['compiled_total_bytes'] = (ma.argument_size_in_bytes + ma.output_size_in_bytes
-                                   - ma.alias_size_in_bytes + ma.temp_size_in_bytes)
-  return out
-
-
-def make_matmul(dtype_name: str, n: int):
-  """A large n x n x n matmul in the model's dtype: fn() -> seconds of one run."""
-  import jax
-  import jax.numpy as jnp
-  dtype = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}[dtype_name]
-  ka, kb = jax.random.split(jax.random.key(0))
-  a = jax.random.normal(ka, (n, n), jnp.float32).astype(dtype)
-  b = jax.random.normal(kb, (n, n), jnp.float32).astype(dtype)
-  f = jax.jit(lambda a, b: a @ b)
-  f(a, b).block_until_ready()
-
-  def run():
-    t = time.perf_counter()
-    f(a, b).block_until_ready()
-    return time.perf_counter() - t
-  return run
-
-
-def _peak(res, matmul_times, n, ndev):
-  """Peak TFLOP/s from the median matmul time (measured between the steps) and MFU."""
-  med = statistics.median(matmul_times)
-  res.update(matmul_n=n, matmul_s=med, peak_tflops=2 * n**3 / med / 1e12)
-  res['mfu'] = res['tflops'] / ndev / res['peak_tflops']
-
-
-class CompileCounter(logging.Handler):
-  """Counts 'Finished XLA compilation of jit(<name>)' records (jax_log_compiles)."""
-
-  def __init__(self):
-    super().__init__()
-    self.compiled = []
-
-  def emit(self, record):
-    m = re.search(r'Finished XLA compilation of (\S+)', record.getMessage())
-    if m:
-      self.compiled.append(m.group(1))
-
-  def count(self, name: str) -> int:
-    return sum(1 for c in self.compiled if name in c)
-
-
-@contextlib.contextmanager
-def log_compiles():
-  """Turns on jax_log_compiles and captures its records (quietly)."""
-  import jax
-  logger = logging.getLogger('jax')
-  counter = CompileCounter()
-  old = (jax.config.jax_log_compiles, logger.propagate, logger.level)
-  jax.config.update('jax_log_compiles', True)
-  logger.addHandler(counter)
-  logger.propagate = False
-  logger.setLevel(logging.WARNING)
-  try:
-    yield counter
-  finally:
-    logger.removeHandler(counter)
-    jax.config.update('jax_log_compiles', old[0])
-    logger.propagate, _ = old[1], logger.setLevel(old[2])
 
 
 # -------------------------------------------------------------------- bench --
@@ -284,7 +195,7 @@ def bench_step(config, args) -> dict:
          'small_map_convs': args.small_map_convs}
   print('config:', json.dumps(res), flush=True)
   mesh, state, crops, labels, step = setup(config, ndev)
-  with log_compiles() as counter, warnings.catch_warnings(record=True) as caught:
+  with compiled_stats.log_compiles() as counter, warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter('always')
     t0 = time.perf_counter()
     lowered = step.lower(state, crops, labels)
@@ -294,12 +205,13 @@ def bench_step(config, args) -> dict:
     t2 = time.perf_counter()
     print(f'compiled in {t2 - t1:.1f} s', flush=True)
     res.update(lower_s=t1 - t0, compile_s=t2 - t1)
-    res['flops_per_step'] = _flops(compiled)  # per device (the SPMD module)
-    res['memory'] = _memory(compiled, device)
+    res['flops_per_step'] = compiled_stats.flops(compiled)  # per device (the SPMD module)
+    res['memory'] = compiled_stats.memory(compiled, device)
     aot_compiles = counter.count('step_fn')
     if not args.compile_only:
       # Each timed step is followed by one peak matmul (same load conditions).
-      matmul = make_matmul(config.model.dtype, args.matmul_size) if args.matmul_size else None
+      matmul = (compiled_stats.make_matmul(config.model.dtype, args.matmul_size)
+                if args.matmul_size else None)
       times, mm_times = [], []
       for i in range(args.warmup + args.steps):
         t = time.perf_counter()
@@ -314,7 +226,7 @@ def bench_step(config, args) -> dict:
       res['step_times_s'] = times
       res['step_s'] = statistics.median(times)
       res['loss'] = float(metrics['loss'])
-      res['memory'] = _memory(compiled, device)  # peak after running
+      res['memory'] = compiled_stats.memory(compiled, device)  # peak after running
     res['compiles_of_step'] = counter.count('step_fn')
     res['compiles_after_aot'] = counter.count('step_fn') - aot_compiles
     res['jit_cache_size'] = step._cache_size()
@@ -324,7 +236,7 @@ def bench_step(config, args) -> dict:
     res['images_per_s'] = config.optim.global_batch / res['step_s']
     res['tflops'] = res['flops_per_step'] * ndev / res['step_s'] / 1e12
     if args.matmul_size:
-      _peak(res, mm_times, args.matmul_size, ndev)
+      compiled_stats.peak(res, mm_times, args.matmul_size, ndev)
   if args.breakdown:
     from benchmarks import step_breakdown  # pylint: disable=import-outside-toplevel
     res['breakdown'] = step_breakdown.breakdown(config, mesh, state, crops, labels, step, args)
@@ -361,10 +273,10 @@ def sweep(config, args) -> list:
     _, state, crops, labels, step = setup(c, ndev, abstract=True)
     t = time.perf_counter()
     compiled = step.lower(state, crops, labels).compile()
-    m = _memory(compiled, jax.local_devices()[0])
+    m = compiled_stats.memory(compiled, jax.local_devices()[0])
     row = {'per_device_batch': batch, 'neck_regions': regions, 'remat': remat,
            'accumulate': accumulate, 'dtype': dtype, 'compile_s': time.perf_counter() - t,
-           'flops_per_step': _flops(compiled), 'memory': m,
+           'flops_per_step': compiled_stats.flops(compiled), 'memory': m,
            'args_plus_temp_bytes': m['argument_size_in_bytes'] + m['temp_size_in_bytes']}
     rows.append(row)
     g = 2**30
@@ -432,8 +344,8 @@ def ab_compare(config, args) -> dict:
       set_small_map_convs(args.small_map_convs)
     print(f'{name}: compiled in {compile_s:.1f} s', flush=True)
     sides[name] = {'compiled': compiled, 'state': state, 'crops': crops, 'labels': labels,
-                   'compile_s': compile_s, 'flops': _flops(compiled),
-                   'memory': _memory(compiled, jax.local_devices()[0]), 'times': [],
+                   'compile_s': compile_s, 'flops': compiled_stats.flops(compiled),
+                   'memory': compiled_stats.memory(compiled, jax.local_devices()[0]), 'times': [],
                    'options': {'neck_regions': cfg.model.neck_regions,
                                'target_whole_crops_only': bool(cfg.model.target_whole_crops_only),
                                'dtype': cfg.model.dtype, 'region_path': cfg.model.region_path,

@@ -3,7 +3,7 @@
 Trains a linear per-pixel classifier on frozen backbone + FPN features of the
 checkpoint and of a random init, prints mIoU, pixel accuracy and mIoU by
 object size side by side, and writes WORKDIR/dense_probe.png. The probe
-itself is `mcl_jax.eval.dense_eval`, its data `mcl_jax.data.segmentation`.
+itself is `mcl_jax.eval.dense_probe`, its data `mcl_jax.data.segmentation`.
 
     python -m mcl_jax.dense_eval --workdir runs/demo [--dataset digit_scenes|voc]
         [--voc_root PATH] [--features fpn|C2..C5|P2..P5] [--png PATH]
@@ -17,7 +17,7 @@ from typing import Any
 
 from mcl_jax import cli, paths
 from mcl_jax.data import segmentation as seg_data
-from mcl_jax.eval import dense_eval
+from mcl_jax.eval import dense_probe
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -25,15 +25,13 @@ def parse_args(argv=None) -> argparse.Namespace:
   p = cli.ArgumentParser(
       prog='python -m mcl_jax.dense_eval',
       description='Linear dense (segmentation) probe of a pretrained mcl_jax run')
-  p.add_argument('--workdir', required=True)
-  p.add_argument('--step', type=int, default=None, help='checkpoint step (default: newest)')
-  p.add_argument('--which', choices=('online', 'target'), default='online')
+  cli.add_checkpoint_flags(p)
   p.add_argument('--dataset', choices=('digit_scenes', 'voc'), default='digit_scenes')
   p.add_flag('voc_root', default=None,
              help='VOC-layout folder (JPEGImages, SegmentationClass, ImageSets)')
   p.add_flag('train_split', default='train')
   p.add_flag('test_split', default='val')
-  p.add_argument('--features', choices=dense_eval.FEATURE_CHOICES, default='fpn')
+  p.add_argument('--features', choices=dense_probe.FEATURE_CHOICES, default='fpn')
   p.add_flag('image_size', type=int, default=None,
              help='scene side (digit_scenes, default 64) or short side (voc, default 224); '
              'a multiple of 32')
@@ -76,16 +74,14 @@ def main(argv=None) -> dict[str, Any]:
   config, variables = checkpointing.load_variables(args.workdir, step=args.step,
                                                    which=args.which)
   png = args.png or paths.join(args.workdir, 'dense_probe.png')
-  result = dense_eval.evaluate_variables(
+  result = dense_probe.evaluate_variables(
       config, variables, compare_random_init=True, features=args.features,
       dataset=args.dataset, seed=args.seed, png=None if png.lower() == 'none' else png,
       voc_root=args.voc_root, image_size=args.image_size, num_train=args.num_train,
       num_test=args.num_test, data_seed=args.data_seed, train_split=args.train_split,
       test_split=args.test_split, digit_sides=args.digit_sides)
-  steps = checkpointing.latest_steps(args.workdir)
-  step = args.step if args.step is not None else (steps[0] if steps else None)
-  label = f'{args.which} step {step}' if step is not None else args.which
-  print(dense_eval.format_table(result, trained_label=label))
+  label = checkpointing.checkpoint_label(args.workdir, args.step, args.which)
+  print(dense_probe.format_table(result, trained_label=label))
   if 'png' in result:
     print(f"test scenes (image | labels | {label} | random init): {result['png']}")
   print(f"{result['seconds']:.0f} s")

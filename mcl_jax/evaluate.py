@@ -2,7 +2,7 @@
 
 Prints a random init beside the checkpoint (held-out top-1 of DINO's weighted
 kNN and of a logistic-regression probe on pooled C5). The evaluation itself
-is `mcl_jax.eval.evaluate`.
+is `mcl_jax.eval.probes`.
 
     python -m mcl_jax.evaluate --workdir runs/demo [--dataset digits] [--step N]
 """
@@ -11,16 +11,14 @@ import argparse
 from typing import Any
 
 from mcl_jax import cli
-from mcl_jax.eval import evaluate
+from mcl_jax.eval import probes
 
 
 def parse_args(argv=None) -> argparse.Namespace:
   """Command-line flags."""
   p = cli.ArgumentParser(prog='python -m mcl_jax.evaluate',
                          description='kNN / linear probe of a pretrained mcl_jax run')
-  p.add_argument('--workdir', required=True)
-  p.add_argument('--step', type=int, default=None, help='checkpoint step (default: newest)')
-  p.add_argument('--which', choices=('online', 'target'), default='online')
+  cli.add_checkpoint_flags(p)
   p.add_argument('--dataset', choices=('digits', 'tfds', 'folder'), default=None,
                  help='overrides config.data.source')
   p.add_argument('--folder', default=None, help='image folder (--dataset folder)')
@@ -31,8 +29,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_flag('max_train', type=int, default=None)
   p.add_flag('max_test', type=int, default=None)
   p.add_flag('batch_size', type=int, default=256)
-  p.add_argument('--k', type=int, default=evaluate.KNN_K)
-  p.add_argument('--t', type=float, default=evaluate.KNN_T)
+  p.add_argument('--k', type=int, default=probes.KNN_K)
+  p.add_argument('--t', type=float, default=probes.KNN_T)
   return p.parse_args(argv)
 
 
@@ -55,13 +53,11 @@ def main(argv=None) -> dict[str, Any]:
   config, variables = checkpointing.load_variables(args.workdir, step=args.step,
                                                    which=args.which)
   apply_data_flags(config, args)
-  result = evaluate.evaluate_variables(config, variables, compare_random_init=True,
-                                       batch_size=args.batch_size, k=args.k, t=args.t,
-                                       max_train=args.max_train, max_test=args.max_test)
-  steps = checkpointing.latest_steps(args.workdir)
-  step = args.step if args.step is not None else (steps[0] if steps else None)
-  label = f'{args.which} step {step}' if step is not None else args.which
-  print(evaluate.format_table(result, trained_label=label))
+  result = probes.evaluate_variables(config, variables, compare_random_init=True,
+                                     batch_size=args.batch_size, k=args.k, t=args.t,
+                                     max_train=args.max_train, max_test=args.max_test)
+  label = checkpointing.checkpoint_label(args.workdir, args.step, args.which)
+  print(probes.format_table(result, trained_label=label))
   return result
 
 

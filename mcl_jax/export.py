@@ -7,7 +7,7 @@ its newest complete checkpoint unless --step is given):
     python -m mcl_jax.export --workdir runs/mcl_100ep --format torchvision --out mcl.pth \
         [--step 31280] [--which target]
 
-The conversion itself is `mcl_jax.eval.export`. The torchvision format
+The conversion itself is `mcl_jax.eval.exporters`. The torchvision format
 writes with PyTorch, an optional extra (`pip install -e ".[torch]"`); the
 detectron2 format needs no PyTorch.
 """
@@ -15,7 +15,7 @@ detectron2 format needs no PyTorch.
 import argparse
 
 from mcl_jax import cli, paths
-from mcl_jax.eval import export
+from mcl_jax.eval import exporters
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -23,10 +23,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   p = cli.ArgumentParser(
       prog='python -m mcl_jax.export',
       description='Converts a pretraining checkpoint for detectron2 or torchvision.')
-  p.add_argument('--workdir', required=True, help='pretraining workdir (config.json + checkpoints/)')
-  p.add_argument('--step', type=int, default=None, help='checkpoint step (default: newest)')
-  p.add_argument('--which', choices=('online', 'target'), default='online',
-                 help='online network or EMA target encoder')
+  cli.add_checkpoint_flags(p)
   p.add_argument('--format', choices=('detectron2', 'torchvision'), required=True)
   p.add_argument('--out', required=True,
                  help='output file: *.pkl for detectron2, *.pth for torchvision')
@@ -45,11 +42,11 @@ def main(argv=None) -> int:
     raise cli.UsageError(f'--out={args.out}: detectron2 reads pickled weights only from '
                          'a *.pkl file; name it e.g. mcl.pkl')
   if args.format == 'torchvision':
-    export.torch_module()  # before minutes of loading: say now what to install
+    exporters.torch_module()  # before minutes of loading: say now what to install
   from mcl_jax.training import checkpointing  # pylint: disable=import-outside-toplevel
   _, variables = checkpointing.load_variables(args.workdir, step=args.step, which=args.which)
   paths.makedirs(paths.dirname(paths.abspath(args.out)))
-  names = export.export(variables, args.format, args.out)
+  names = exporters.export(variables, args.format, args.out)
   print(f'wrote {len(names)} tensors ({args.which} network, {args.format}) to {args.out}')
   return 0
 

@@ -25,14 +25,14 @@ name, anything else a local (or mounted) path.
   only the endpoint (STORAGE_EMULATOR_HOST) and the credentials differ. The
   array data of checkpoints is written by tensorstore's own GCS driver
   (TENSORSTORE_GCS_HTTP_URL in tests), as Orbax does by itself. This module
-  and Orbax share one gcsfs instance, with its listing cache off (`_fs`).
+  and Orbax share one gcsfs instance, with its listing cache off (`gcs`).
 
 GCS has no directories, no appends and no renames:
-* `makedirs` is a no-op on gs:// (it never creates a bucket; `check_workdir`
-  says when the bucket is missing).
+* `makedirs` is a no-op on gs:// (it never creates a bucket;
+  `mcl_jax.storage_checks.check_writable` says when the bucket is missing).
 * `write_atomic` uploads one object: a GCS upload is atomic (readers see the
   old object or the new one, never a part).
-* `AppendFile` gives append-only logs: locally a file opened with 'a' and
+* `mcl_jax.append_log.AppendFile` gives append-only logs on these paths: locally a file opened with 'a' and
   flushed on every write, as before; on gs:// the new bytes are kept in
   memory and each upload sends only them, as a temporary object that is
   then concatenated onto the log with one server-side compose request (GCS's
@@ -55,6 +55,8 @@ import shutil
 import threading
 import uuid
 
+from mcl_jax import errors
+
 # Before anything imports gcsfs or asks etils for a gs:// backend (see above).
 os.environ['EPATH_USE_TF'] = '0'
 os.environ['GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT'] = 'false'
@@ -70,13 +72,12 @@ if os.environ.get('STORAGE_EMULATOR_HOST'):
 GS = 'gs://'
 # The marker Orbax writes last into a complete checkpoint on GCS.
 COMMIT_FILE = 'commit_success.txt'
-_TMP_PREFIX = '.append-'
 CREDENTIALS_HELP = ('run `gcloud auth application-default login` (or point '
                     'GOOGLE_APPLICATION_CREDENTIALS at a service-account key; on a Cloud TPU '
                     'or Compute Engine VM the VM\'s service account is used)')
 
 
-class StorageError(RuntimeError):
+class StorageError(errors.RunError, RuntimeError):
   """A path that cannot be used; the message is one line saying what to do."""
 
 
@@ -110,7 +111,7 @@ def emulated() -> bool:
   return bool(os.environ.get('STORAGE_EMULATOR_HOST'))
 
 
-def _fs():
+def gcs():
   """The gcsfs file system of this process: the very instance Orbax's epath uses,
   with gcsfs's listing cache turned off.
 
@@ -137,7 +138,7 @@ def _fs():
 
 def _fresh(path: str):
   """gcsfs and the key of a gs:// path."""
-  return _fs(), _key(path)
+  return gcs(), gcs_key(path)
 
 
 def _check_backends():
@@ -155,7 +156,7 @@ def _check_backends():
                        'imported: import mcl_jax first (or set EPATH_USE_TF=0)')
 
 
-def _key(path: str) -> str:
+def gcs_key(path: str) -> str:
   """gcsfs's name for a gs:// path: bucket/object, no scheme, no trailing slash."""
   return str(path)[len(GS):].rstrip('/')
 
@@ -229,7 +230,7 @@ def listdir(path) -> list[str]:
     entries = fs.ls(key, detail=False, refresh=True)
   except FileNotFoundError:
     return []
-  prefix = _key(path) + '/'
+  prefix = gcs_key(path) + '/'
   return sorted({e.rstrip('/')[len(prefix):].split('/')[0] for e in entries
                  if e.startswith(prefix) and len(e.rstrip('/')) > len(prefix)})
 
@@ -240,14 +241,14 @@ def glob(pattern) -> list[str]:
     import glob as glob_lib  # pylint: disable=import-outside-toplevel
     return sorted(glob_lib.glob(pattern))
   fs, key = _fresh(pattern.split('*')[0].rsplit('/', 1)[0])
-  return sorted(GS + p for p in fs.glob(_key(pattern)))
+  return sorted(GS + p for p in fs.glob(gcs_key(pattern)))
 
 
 def remove(path, missing_ok: bool = False):
   """Deletes one file."""
   try:
     if is_cloud(path):
-      _fs().rm_file(_key(path))
+      gcs().rm_file(gcs_key(path))
     else:
       os.remove(path)
   except FileNotFoundError:
@@ -289,8 +290,8 @@ def move_tree(src, dst, marker: str | None = COMMIT_FILE):
     os.rename(src, dst)
     return
   fs, _ = _fresh(src)
-  for key in sorted(fs.find(_key(src))):
-    fs.cp_file(key, _key(dst) + key[len(_key(src)):])
+  for key in sorted(fs.find(gcs_key(src))):
+    fs.cp_file(key, gcs_key(dst) + key[len(gcs_key(src)):])
   if marker:
     remove(join(src, marker), missing_ok=True)
   rmtree(src)
@@ -314,7 +315,7 @@ def read_bytes(path) -> bytes:
   if not is_cloud(path):
     with builtins.open(path, 'rb') as f:
       return f.read()
-  return _fs().cat_file(_key(path))
+  return gcs().cat_file(gcs_key(path))
 
 
 def read_text(path) -> str:
@@ -335,7 +336,7 @@ def open(path, mode: str = 'r'):  # pylint: disable=redefined-builtin
   if any(c in mode for c in 'a+'):
     raise StorageError(f'{path}: mode {mode!r}: GCS objects cannot be appended to or '
                        'updated in place (use AppendFile)')
-  return _fs().open(_key(path), mode)
+  return gcs().open(gcs_key(path), mode)
 
 
 def write_atomic(path, data: str | bytes):
@@ -347,12 +348,12 @@ def write_atomic(path, data: str | bytes):
   raw = data.encode() if isinstance(data, str) else bytes(data)
   if is_cloud(path):
     try:
-      _fs().pipe_file(_key(path), raw)
+      gcs().pipe_file(gcs_key(path), raw)
     except FileNotFoundError as e:
       raise StorageError(f'{path}: cannot be written: bucket gs://{split(path)[0]} does not '
                          'exist') from e
-    except _request_errors() as e:
-      raise StorageError(f'{path}: cannot be written ({describe(e)})') from e
+    except request_errors() as e:
+      raise StorageError(f'{path}: cannot be written ({storage_reason(e)})') from e
     return
   tmp = f'{path}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp'
   try:
@@ -367,200 +368,9 @@ def write_atomic(path, data: str | bytes):
     raise
 
 
-# ------------------------------------------------------------ append logs --
+# ------------------------------------------------------------ errors --
 
-class AppendFile:
-  """An append-only log file (metrics.jsonl, train.log, TensorBoard events).
-
-  Locally: the file opened with 'a' (binary or text as `binary` says) and
-  flushed after every write, exactly as a plain file. On gs:// writes are
-  kept in memory; `flush()` uploads what was written since the last upload
-  and appends it with a compose request. With `background_s`, a daemon
-  thread also does that every `background_s` seconds, so that the writer
-  never waits for the network; an upload that fails there keeps the bytes
-  for the next one and is reported once through `on_error`. An explicit
-  `flush()` that fails raises StorageError (the bytes are kept as well).
-  Process-local; one writer per file.
-
-  Attributes:
-    uploads, bytes_uploaded: gs:// uploads done and the bytes they sent.
-  """
-
-  def __init__(self, path: str, binary: bool = False, background_s: float | None = None,
-               on_error=None):
-    self.path, self.binary = str(path), binary
-    self.cloud = is_cloud(path)
-    self.uploads = self.bytes_uploaded = 0
-    # Writes take _lock only, briefly, so a write never waits for an upload:
-    # the storage client logs from its own thread during an upload, and a
-    # log record written here must not wait for that upload to end.
-    self._lock = threading.Lock()
-    self._upload_lock = threading.Lock()
-    self._pending = bytearray()
-    self._file = None
-    self._exists = None
-    self._on_error = on_error
-    self._failing = False
-    self._stop = self._thread = None
-    if not self.cloud:
-      self._file = builtins.open(self.path, 'ab' if binary else 'a')
-    elif background_s:
-      self._stop = threading.Event()
-      self._thread = threading.Thread(target=self._uploader, args=(background_s,),
-                                      name=f'upload {basename(path)}', daemon=True)
-      self._thread.start()
-
-  def write(self, data: str | bytes):
-    if self._file is not None:
-      self._file.write(data)
-      self._file.flush()
-      return
-    with self._lock:
-      self._pending += data.encode() if isinstance(data, str) else data
-
-  def flush(self):
-    """Makes what was written durable: on gs://, uploads it (StorageError if that fails)."""
-    if self._file is not None:
-      self._file.flush()
-      return
-    with self._upload_lock:
-      with self._lock:
-        data = bytes(self._pending)
-      if not data:
-        return
-      self._append(data)
-      with self._lock:
-        del self._pending[:len(data)]
-      self.uploads += 1
-      self.bytes_uploaded += len(data)
-
-  def _uploader(self, every_s: float):
-    while not self._stop.wait(every_s):
-      try:
-        self.flush()
-        self._failing = False
-      except StorageError as e:
-        if not self._failing and self._on_error is not None:
-          self._on_error(e)
-        self._failing = True
-
-  def _append(self, data: bytes):
-    fs, key = _fs(), _key(self.path)
-    try:
-      if self._exists is None:
-        self._exists = exists(self.path)
-      if not self._exists:
-        fs.pipe_file(key, data)
-        self._exists = True
-        return
-      part = f'{_key(dirname(self.path))}/{_TMP_PREFIX}{uuid.uuid4().hex}.tmp'
-      fs.pipe_file(part, data)
-      try:
-        fs.merge(key, [key, part])
-      finally:
-        try:
-          fs.rm_file(part)
-        except OSError:
-          pass  # a leftover part is removed by remove_leftover_parts
-    except _request_errors() as e:
-      raise StorageError(f'{self.path}: appending {len(data)} bytes failed '
-                         f'({describe(e)}); they are kept for the next flush') from e
-
-  @property
-  def pending(self) -> int:
-    """Bytes written but not uploaded yet (gs://)."""
-    return len(self._pending)
-
-  def close(self):
-    """Stops the uploader, uploads what is left (StorageError if that fails), closes."""
-    if self._file is not None:
-      self._file.close()
-      self._file = None
-      return
-    if self._thread is not None:
-      self._stop.set()
-      self._thread.join()
-      self._thread = None
-    self.flush()
-
-
-def remove_leftover_parts(folder):
-  """Deletes temporary append parts that a kill left in a gs:// folder."""
-  if not is_cloud(folder):
-    return
-  for name in listdir(folder):
-    if name.startswith(_TMP_PREFIX):
-      remove(join(folder, name), missing_ok=True)
-
-
-# ---------------------------------------------------------------- checks --
-
-def describe(e: BaseException) -> str:
-  """A short reason of a storage error (status and message, one line)."""
-  code = getattr(e, 'code', None)
-  text = ' '.join(str(e).split())
-  if isinstance(e, FileNotFoundError):
-    return f'not found: {text}'
-  return f'{type(e).__name__}{f" {code}" if code else ""}: {text}'[:300]
-
-
-def check_credentials(path):
-  """On gs:// (without an emulator): Google credentials must be found.
-
-  google-auth's default lookup (GOOGLE_APPLICATION_CREDENTIALS, gcloud's
-  application-default file, then the metadata server of a Google VM) is what
-  both gcsfs and tensorstore use; without credentials gcsfs would go on
-  anonymously and fail later with a less helpful error.
-  """
-  if not is_cloud(path) or emulated():
-    return
-  import google.auth  # pylint: disable=import-outside-toplevel
-  from google.auth import exceptions  # pylint: disable=import-outside-toplevel
-  try:
-    google.auth.default()
-  except exceptions.DefaultCredentialsError as e:
-    raise StorageError(f'{path}: no Google Cloud credentials found: {CREDENTIALS_HELP}') from e
-
-
-def check_writable(path) -> bool:
-  """Makes sure a run can write into folder `path`, or says why not (StorageError).
-
-  Locally: creates the folder and a probe file (removed again). On gs://:
-  credentials (before any request), then a probe object uploaded and
-  deleted. That needs only the object permissions a run needs anyway (not
-  the bucket's metadata), and tells a missing bucket (404 on the upload; it
-  is never created here: a typo would make a new bucket) from a write
-  refused (403) and refused credentials (401).
-
-  Returns:
-    Whether the folder was new: locally, created here; on gs://, holding no
-    object yet.
-  """
-  check_supported(path)
-  if not is_cloud(path):
-    new = not os.path.exists(path)
-    _check_local_writable(path)
-    return new
-  check_credentials(path)
-  bucket, _ = split(path)
-  if not bucket:
-    raise StorageError(f'{path!r}: no bucket name (gs://BUCKET/path)')
-  probe = join(path, f'.write_test_{uuid.uuid4().hex[:12]}')
-  try:
-    _fs().pipe_file(_key(probe), b'')
-    remove(probe)
-  except FileNotFoundError as e:
-    raise StorageError(f'bucket gs://{bucket} does not exist (workdir {path}): create it '
-                       f'(gcloud storage buckets create gs://{bucket}) or fix the path') from e
-  except _request_errors() as e:
-    raise _access_error(path, 'is not writable', e) from e
-  try:
-    return not exists(path)
-  except _request_errors() as e:
-    raise _access_error(path, 'cannot be listed', e) from e
-
-
-def _request_errors() -> tuple[type[BaseException], ...]:
+def request_errors() -> tuple[type[BaseException], ...]:
   """What a failed gs:// request raises through gcsfs.
 
   OSError (gcsfs's 403 and 404, aiohttp's connection errors), ValueError
@@ -571,46 +381,10 @@ def _request_errors() -> tuple[type[BaseException], ...]:
   return (OSError, RuntimeError, ValueError, retry.HttpError)
 
 
-def _status(e: BaseException) -> int | None:
-  """The HTTP status behind a gcsfs error, or None.
-
-  gcsfs raises HttpError (with .code) for most statuses, a failed refresh
-  of the credentials included (as 401), but a plain OSError('Forbidden:
-  URL ...') for 403. The status is never searched for in the message: that
-  holds the request's URL, whose port or object name may contain any digits
-  or words (a proxy on port 40195 once made a 403 read as a 401).
-  """
+def storage_reason(e: BaseException) -> str:
+  """A short reason of a storage error (status and message, one line)."""
   code = getattr(e, 'code', None)
-  if isinstance(code, int):
-    return code
-  if isinstance(e, OSError) and str(e).startswith('Forbidden: '):
-    return 403
-  return None
-
-
-def _access_error(path, what: str, e: BaseException) -> StorageError:
-  status = _status(e)
-  if status == 401:
-    return StorageError(f'{path} {what}: the credentials were refused ({describe(e)}): '
-                        f'{CREDENTIALS_HELP}')
-  if status == 403:
-    return StorageError(f'{path} {what}: permission denied ({describe(e)}): give the '
-                        'account the Storage Object User role on the bucket, or choose another '
-                        'path')
-  return StorageError(f'{path} {what} ({describe(e)})')
-
-
-def _check_local_writable(path):
-  import tempfile  # pylint: disable=import-outside-toplevel
-  try:
-    os.makedirs(path, exist_ok=True)
-  except OSError as e:
-    raise StorageError(f'{path!r} cannot be created ({type(e).__name__}: {e.strerror or e})'
-                       ) from e
-  try:
-    fd, probe = tempfile.mkstemp(prefix='.write_test_', dir=path)
-    os.close(fd)
-    os.remove(probe)
-  except OSError as e:
-    raise StorageError(f'{path!r} is not writable ({type(e).__name__}: {e.strerror or e})'
-                       ) from e
+  text = ' '.join(str(e).split())
+  if isinstance(e, FileNotFoundError):
+    return f'not found: {text}'
+  return f'{type(e).__name__}{f" {code}" if code else ""}: {text}'[:300]

@@ -7,7 +7,7 @@
 
 Writes the crop grid (8 crops per image after the host crop and the device
 augmentation: view A | view B) and, with --montage_out, the montage canvases
-of one group per level and view. The pictures are `mcl_jax.eval.visualize`.
+of one group per level and view. The pictures are `mcl_jax.eval.pictures`.
 """
 
 from absl import flags
@@ -36,7 +36,7 @@ def main(argv) -> int:
   import jax
   import numpy as np
   from mcl_jax.data import device_crops, input_pipeline
-  from mcl_jax.eval import visualize
+  from mcl_jax.eval import pictures
   # pylint: enable=import-outside-toplevel
   config = f.config
   batch = max(f.num_images, config.montage.group_size if f.montage_out else 0)
@@ -45,12 +45,12 @@ def main(argv) -> int:
                                    process_count=1))
   crops_u8 = np.asarray(device_crops.crops_of(
       device_crops.step_images(batch, config.data.crop_on), config.data))
-  crops = visualize.augmented_crops(config, crops_u8[:f.num_images], jax.random.key(f.seed))
-  visualize.crops_grid_png(crops, f.out)
+  crops = pictures.augmented_crops(config, crops_u8[:f.num_images], jax.random.key(f.seed))
+  pictures.crops_grid_png(crops, f.out)
   print(f'wrote {f.out}: {crops.shape[0]} images x {crops.shape[1]} crops (view A | view B)')
   if f.montage_out:
-    visualize.save_png(visualize.montage_image(config, crops_u8, jax.random.key(f.seed)),
-                       f.montage_out)
+    pictures.save_png(pictures.montage_image(config, crops_u8, jax.random.key(f.seed)),
+                      f.montage_out)
     print(f'wrote {f.montage_out}: canvases per level, view q then view k')
   return 0
 

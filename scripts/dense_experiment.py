@@ -103,12 +103,12 @@ def probe(root: str, seeds, models=MODELS, features=FEATURES, scene_size=SCENE_S
   """
   from configs import demo  # pylint: disable=import-outside-toplevel
   from mcl_jax.training import checkpointing  # pylint: disable=import-outside-toplevel
-  from mcl_jax.eval import dense_eval
+  from mcl_jax.eval import dense_probe
   path = os.path.join(root, 'results.json')
   results = json.load(open(path)) if os.path.exists(path) else []
   done = {(r['model'], r['seed'], r['features']) for r in results}
   base_config = demo.get_config()
-  data = dense_eval.load_probe_data(base_config, 'digit_scenes', image_size=scene_size,
+  data = dense_probe.load_probe_data(base_config, 'digit_scenes', image_size=scene_size,
                                     digit_sides=tuple(digit_sides))
   print(f'probe data: {data.name}, {len(data.train)} train / {len(data.test)} test scenes, '
         f'sizes {data.size_rule}', flush=True)
@@ -119,7 +119,7 @@ def probe(root: str, seeds, models=MODELS, features=FEATURES, scene_size=SCENE_S
         continue
       if model == 'random':
         config = base_config
-        variables = dense_eval.random_variables(dense_eval.create_model(config), seed=seed)
+        variables = dense_probe.random_variables(dense_probe.create_model(config), seed=seed)
         step = 0
       else:
         wd = workdir(root, DIAGNOSES.get(model, model), seed)
@@ -129,11 +129,11 @@ def probe(root: str, seeds, models=MODELS, features=FEATURES, scene_size=SCENE_S
           continue
         config, variables = checkpointing.load_variables(wd, step=step)
         if model == 'level0_random_fpn':
-          drawn = dense_eval.random_variables(dense_eval.create_model(config), seed=seed)
+          drawn = dense_probe.random_variables(dense_probe.create_model(config), seed=seed)
           variables = {k: {**variables[k], 'fpn': drawn[k]['fpn']} for k in variables}
       for feat in todo:
         t0 = time.time()
-        r = dense_eval.probe_variables(config, variables, data, feat)
+        r = dense_probe.probe_variables(config, variables, data, feat)
         row = {'model': model, 'seed': seed, 'features': feat, 'step': step,
                'scenes': data.name,
                **{m: r[m] for m in METRICS}, 'seconds': time.time() - t0}

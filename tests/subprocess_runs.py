@@ -43,6 +43,7 @@ import atexit
 import fcntl
 import json
 import os
+import random
 import re
 import shutil
 import signal
@@ -348,3 +349,29 @@ def copy_workdir(src: str, dst: str, keep_steps=None) -> str:
 
 def sigkill(r: Run):
   r.proc.send_signal(signal.SIGKILL)
+
+
+# ----------------------------------------------- shared by the run tests --
+
+def random_steps_rng() -> random.Random:
+  """A freshly seeded RNG for the kill and signal steps (printed by each test)."""
+  return random.Random(int.from_bytes(os.urandom(8), 'little'))
+
+
+def env_steps(name: str) -> list[int] | None:
+  """The steps fixed in environment variable `name` ('3,7'), or None."""
+  v = os.environ.get(name)
+  return [int(x) for x in v.split(',')] if v else None
+
+
+def assert_losses_match(workdir: str, steps, label: str) -> float:
+  """Every step's loss in `workdir` within one rounding of the uninterrupted run's.
+
+  Returns the largest difference (printed).
+  """
+  got, want = metrics_by_step(workdir), reference()['metrics']
+  diffs = loss_diffs(got, want, steps)
+  worst = max(diffs.values())
+  print(f'{label}: steps {min(steps)}..{max(steps)}, max |loss - uninterrupted| = {worst:.3g}')
+  same_up_to_rounding(got, want, steps, ('loss',), f'{label} vs uninterrupted')
+  return worst

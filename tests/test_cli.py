@@ -227,12 +227,12 @@ def test_a_failed_start_removes_only_the_workdir_it_created(existed, tmp_path, m
     workdir.mkdir()
     (workdir / 'notes.txt').write_text('keep me')
 
-  def fail(run, manager, stop):
+  def fail(setup, manager, stop):
     del manager, stop
-    assert os.path.isdir(os.path.join(run.workdir, 'checkpoints'))
+    assert os.path.isdir(os.path.join(setup.workdir, 'checkpoints'))
     raise MemoryError('out of memory while compiling')
 
-  monkeypatch.setattr(loop, '_run', fail)
+  monkeypatch.setattr(loop, '_train', fail)
   with pytest.raises(MemoryError):
     loop.train_and_evaluate(config, str(workdir))
   assert (sorted(os.listdir(workdir)) == ['checkpoints', 'notes.txt'] if existed
@@ -245,3 +245,25 @@ def test_the_tensorboard_command_the_console_names_is_installed():
   scripts = importlib.metadata.entry_points(group='console_scripts', name='tensorboard')
   assert scripts, 'no `tensorboard` command: add tensorboard to requirements.txt'
   assert 'tensorboard' in {s.dist.name.lower() for s in scripts}
+
+
+@pytest.mark.parametrize('override, says', [
+    ('--config.optim.base_lrr=1', "--config.optim.base_lrr: the config has no field 'base_lrr'; "
+     'did you mean --config.optim.base_lr?'),
+    ('--config.optm.base_lr=1', "--config.optm.base_lr: the config has no field 'optm'; "
+     'did you mean --config.optim.base_lr?'),
+])
+def test_config_error_reads_the_installed_ml_collections_messages(override, says):
+  """ml_collections says 'Did you mean' only in its message text: read the real one."""
+  import ml_collections  # pylint: disable=import-outside-toplevel
+  from mcl_jax import cli, cli_flags  # pylint: disable=import-outside-toplevel
+  config = ml_collections.ConfigDict({'optim': {'base_lr': 0.5}})
+  node, *fields = override.split('=')[0][len('--config.'):].split('.')
+  with pytest.raises((AttributeError, KeyError)) as e:
+    value = config[node]
+    for field in fields:
+      value = value[field]
+  assert cli_flags._DID_YOU_MEAN.search(str(e.value).replace('\\"', '"'))  # pylint: disable=protected-access
+  error = cli_flags._config_error(e.value, ['main.py', override], 'config')  # pylint: disable=protected-access
+  assert isinstance(error, cli.UsageError) and str(error) == says
+

@@ -24,9 +24,7 @@ Kill and signal steps are random, printed, and fixed by MCL_TEST_KILL_STEP /
 MCL_TEST_STOP_STEPS as in test_reliability.py.
 """
 
-import os
 import pickle
-import random
 import re
 import signal
 import subprocess
@@ -42,29 +40,15 @@ from tests import subprocess_runs as runs
 # Orbax/TensorStore report failed reads of damaged files from a closed event loop.
 pytestmark = pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning')
 
-LOSS_TOL = 1e-6  # as test_reliability.py: resumed losses equal the uninterrupted run's
-
-
-def _rng():
-  return random.Random(int.from_bytes(os.urandom(8), 'little'))
-
-
-def _env_steps(name):
-  v = os.environ.get(name)
-  return [int(x) for x in v.split(',')] if v else None
-
-
-def _assert_losses_match(workdir, steps, label):
-  got, want = runs.metrics_by_step(workdir), runs.reference()['metrics']
-  diffs = runs.loss_diffs(got, want, steps)
-  worst = max(diffs.values())
-  print(f'{label}: steps {min(steps)}..{max(steps)}, max |loss - uninterrupted| = {worst:.3g}')
-  assert worst <= LOSS_TOL, diffs
+# A gs:// run is the same program as the local reference run: its losses and
+# final state equal it up to one final rounding of each value
+# (runs.assert_losses_match, runs.same_state_up_to_rounding), as in
+# test_reliability.py and test_distributed.py.
 
 
 def _corrupt(step_dir: str):
   """Truncates every array object of a checkpoint in the bucket to half its size."""
-  fs = paths._fs()  # pylint: disable=protected-access
+  fs = paths.gcs()  # pylint: disable=protected-access
   keys = [k for k in fs.find(step_dir[len(paths.GS):]) if '/d/' in k]
   assert keys, step_dir
   for k in keys:
@@ -73,7 +57,7 @@ def _corrupt(step_dir: str):
 
 
 def _objects(prefix: str) -> list[str]:
-  fs = paths._fs()  # pylint: disable=protected-access
+  fs = paths.gcs()  # pylint: disable=protected-access
   root = prefix[len(paths.GS):].rstrip('/') + '/'
   return sorted(k[len(root):] for k in fs.find(root))
 
@@ -98,8 +82,8 @@ def gs_run(gcs):
   bucket = gcs_server.bucket_name('chain')
   gcs.create_bucket(bucket)
   workdir = f'gs://{bucket}/runs/tiny'
-  rng = _rng()
-  j1, j2 = _env_steps('MCL_TEST_STOP_STEPS') or (rng.randint(3, 4), rng.randint(6, 8))
+  rng = runs.random_steps_rng()
+  j1, j2 = runs.env_steps('MCL_TEST_STOP_STEPS') or (rng.randint(3, 4), rng.randint(6, 8))
   t0 = time.monotonic()
 
   # A: a new run in the bucket; SIGTERM saves the current step and exits 0.
@@ -114,7 +98,7 @@ def gs_run(gcs):
   assert 'Starting a new run' in out and f'Stopped after step {s1} (SIGTERM)' in out
   assert f'checkpoint of step {s1} -> {workdir}/checkpoints/{s1}' in out
   assert max(runs.checkpoint_steps(workdir)) == s1
-  _assert_losses_match(workdir, range(1, s1 + 1), 'A')
+  runs.assert_losses_match(workdir, range(1, s1 + 1), 'A')
   top = _objects(workdir)
   assert {'config.json', 'metrics.jsonl', 'train.log', 'montage.png'} <= set(top), top
   assert any(n.startswith('events.out.tfevents.') for n in top), top
@@ -164,12 +148,12 @@ def test_gs_chain_trains_as_an_uninterrupted_local_run(gs_run):
   workdir = gs_run['workdir']
   # One line per step, each step's loss as the uninterrupted (local) run's.
   assert runs.logged_steps(workdir) == list(range(1, runs.NUM_STEPS + 1))
-  _assert_losses_match(workdir, range(1, runs.NUM_STEPS + 1), 'whole chain')
+  runs.assert_losses_match(workdir, range(1, runs.NUM_STEPS + 1), 'whole chain')
   got, _ = runs.load_state(workdir, runs.NUM_STEPS)
   want, _ = runs.load_state(gs_run['reference']['workdir'], runs.NUM_STEPS)
   diff = runs.max_abs_diff(got, want)
   print(f'final TrainState max |gs chain - uninterrupted local| = {diff:.3g}')
-  assert diff <= LOSS_TOL
+  runs.same_state_up_to_rounding(got, want, 'gs chain vs uninterrupted local')
   # keep_checkpoints=2 (configs/test_tiny.py): the two newest complete steps,
   # the corrupt one aside, no step folder without its commit marker, no
   # append parts left over.
@@ -208,7 +192,7 @@ def _tensorboard_steps(workdir: str, tag: str) -> set[int]:
 def test_gs_tools(gs_run, tmp_path, capsys, monkeypatch):
   """evaluate, dense_eval and export read the gs:// workdir; export and visualize write gs://."""
   from mcl_jax import dense_eval, evaluate, export
-  from mcl_jax.eval import dense_eval as dense_probe
+  from mcl_jax.eval import dense_probe
   workdir = gs_run['workdir']
   result = evaluate.main(['--workdir', workdir, '--dataset', 'digits', '--max-train', '64',
                           '--batch-size', '32'])
@@ -226,9 +210,9 @@ def test_gs_tools(gs_run, tmp_path, capsys, monkeypatch):
   assert 'stem.conv1.weight' in pickle.loads(
       paths.read_bytes(workdir + '/export/mcl.pkl'))['model']
   # visualize's pictures (the run wrote montage.png the same way).
-  from mcl_jax.eval import visualize
-  visualize.crops_grid_png(np.random.default_rng(0).uniform(size=(2, 4, 8, 8, 3)),
-                           workdir + '/crops.png')
+  from mcl_jax.eval import pictures
+  pictures.crops_grid_png(np.random.default_rng(0).uniform(size=(2, 4, 8, 8, 3)),
+                          workdir + '/crops.png')
   assert paths.read_bytes(workdir + '/crops.png')[:4] == b'\x89PNG'
   assert paths.read_bytes(workdir + '/montage.png')[:4] == b'\x89PNG'
 
@@ -237,7 +221,7 @@ def test_gs_two_processes_write_one_checkpoint(gcs, gs_bucket):
   """--distributed on localhost: both processes' parts in one checkpoint in the bucket."""
   ref = runs.reference()
   workdir = gs_bucket + '/two'
-  j = (_env_steps('MCL_TEST_STOP_STEPS') or [3])[0]
+  j = (runs.env_steps('MCL_TEST_STOP_STEPS') or [3])[0]
   port = runs.free_port()
   procs = [runs.Run(workdir, '--distributed', f'--coordinator_address=127.0.0.1:{port}',
                     '--num_processes=2', f'--process_id={i}', devices=1, name=f'gs-dist{i}')
@@ -258,12 +242,12 @@ def test_gs_two_processes_write_one_checkpoint(gcs, gs_bucket):
   for i in (0, 1):  # each process wrote its own part of the one checkpoint
     assert any(o.startswith(f'default/ocdbt.process_{i}/') for o in parts), parts
   assert runs.logged_steps(workdir) == list(range(1, s + 1))  # process 0 alone logs
-  _assert_losses_match(workdir, range(1, s + 1), '2 processes on gs://')
+  runs.assert_losses_match(workdir, range(1, s + 1), '2 processes on gs://')
   top = _objects(workdir)
   assert 'train.log' in top and 'train.1.log' in top, top
   a, _ = runs.load_state(workdir, s)
   b, _ = runs.load_state(ref['workdir'], s)
-  assert runs.max_abs_diff(a, b) <= LOSS_TOL
+  runs.same_state_up_to_rounding(a, b, '2 processes on gs:// vs 1 process')
 
 
 def _error_line(p) -> str:
@@ -306,13 +290,13 @@ def test_gs_no_credentials_is_one_line(monkeypatch):
   from mcl_jax.training import loop
   monkeypatch.delenv('STORAGE_EMULATOR_HOST')
   monkeypatch.setattr(paths, '_FS', None)
-  monkeypatch.setattr(paths, '_fs', lambda: pytest.fail('a request was attempted'))
+  monkeypatch.setattr(paths, 'gcs', lambda: pytest.fail('a request was attempted'))
   monkeypatch.setattr(loop, 'make_train_step', lambda *a: pytest.fail('compiled'))
   config = test_tiny.get_config()
   config.optim.global_batch = 64  # 8 in-process devices
   with pytest.raises(Exception) as e:
     loop.train_and_evaluate(config, 'gs://some-bucket/run')
-  line, status = cli.describe(e.value)
+  line, status = cli.error_report(e.value)
   print(f'\nerror: {line}')
   assert status == 1 and line == (
       'workdir gs://some-bucket/run: no Google Cloud credentials found: run `gcloud auth '

@@ -16,7 +16,9 @@ import pytest
 from configs import mcl_100ep
 from mcl_jax import config_validation
 from mcl_jax.training import optim
+from mcl_jax.training import state as state_lib
 from tests import tolerance
+from tests.tiny_config import tiny_config
 
 F32 = np.float32
 # The float32 schedules against the float64 formulas (tests/tolerance.py,
@@ -276,3 +278,48 @@ def test_switches_are_validated(field):
   c = _config(**{field: 'torch'})
   with pytest.raises(config_validation.ConfigError, match=f'optim.{field}'):
     config_validation.validate(c, 32, 4)
+
+
+# ------------------------------------------- the optax form, values, masks --
+
+def test_schedules():
+  """The optax form of the schedule (optim.lr_warmup='optax'; the tests above check both)."""
+  config = tiny_config(**{'optim.global_batch': 64})
+  config.optim.lr_warmup = 'optax'
+  config.optim.global_batch = 512
+  config.optim.base_lr = 1.0
+  config.optim.min_lr = 1e-4
+  config.optim.warmup_steps = 10
+  sched = optim.lr_schedule(config, 100)
+  lr = 1.0 * 512 / 256
+  # float32: optax's warm-up is (init - peak) (1 - t / w) + peak, which
+  # cancels near init: four roundings relative to the peak, absolute. At t =
+  # 10 and 100 the cosine's argument is 0 or pi, whose float32 cosine rounds
+  # to exactly 1 or -1: the peak or the end value, each after two roundings.
+  rel = lambda n: tolerance.tol(F32, n, worst_case=True)
+  assert float(sched(0)) == pytest.approx(lr * 1e-4, rel=0, abs=rel(4) * lr)
+  assert float(sched(10)) == pytest.approx(lr, rel=rel(2))
+  assert float(sched(5)) == pytest.approx(lr * 1e-4 + (lr - lr * 1e-4) / 2, rel=0,
+                                          abs=rel(4) * lr)
+  assert float(sched(100)) == pytest.approx(1e-4, rel=rel(2))
+
+
+def test_reference_config_values():
+  c = mcl_100ep.get_config()
+  assert optim.peak_lr(c) == 16.0
+  assert c.optim.warmup_steps == 3127 and c.optim.clip_norm == 500
+  assert c.optim.num_epochs * (c.data.num_train_examples // c.optim.global_batch) == 31_200
+  assert tuple(c.loss.level_weights) == (0.5, 0.25, 0.125, 0.125) and c.loss.tau == 1.0
+  assert c.model.depth == 50 and c.model.dtype == 'bfloat16'
+
+
+def test_decay_mask_excludes_norms_and_biases():
+  config = tiny_config(**{'optim.global_batch': 64})
+  params = jax.eval_shape(lambda k: state_lib.create_train_state(
+      config, k, optim.create_optimizer(config, 1)), jax.random.key(0)).params
+  flat = jax.tree_util.tree_flatten_with_path(optim.decay_mask(params))[0]
+  names = {'/'.join(str(getattr(p, 'key', p)) for p in path): v for path, v in flat}
+  assert names['backbone/conv1/kernel'] and names['neck/fc1/kernel']
+  assert not names['backbone/bn1/scale'] and not names['backbone/bn1/bias']
+  assert not names['neck/fc1/bias'] and not names['neck/bn1/scale']
+  assert not names['predictors_0/fc1_bn/bias']

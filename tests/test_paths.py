@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from mcl_jax import paths
+from mcl_jax import append_log, paths, storage_checks
 from mcl_jax.testing import gcs_server
 
 
@@ -31,7 +31,7 @@ def test_backends_are_forced_for_production_and_tests():
   assert gcsfs.GCSFileSystem is core.GCSFileSystem
   # One gcsfs instance, without a listing cache: what this module, tensorstore
   # or another host changes in a checkpoint folder, Orbax's next listing sees.
-  fs = paths._fs()  # pylint: disable=protected-access
+  fs = paths.gcs()  # pylint: disable=protected-access
   assert fs is backend.fsspec_backend.fs('gs://bucket/x')
   assert not fs.dircache.use_listings_cache
 
@@ -74,7 +74,7 @@ def test_local_write_atomic_leaves_no_temporary_file(tmp_path):
 def test_append_file_uploads_only_new_bytes(root):
   paths.makedirs(root)
   path = paths.join(root, 'metrics.jsonl')
-  log = paths.AppendFile(path)
+  log = append_log.AppendFile(path)
   sizes = []
   for chunk in range(4):
     lines = ''.join(f'{{"step": {chunk * 10 + i}}}\n' for i in range(10))
@@ -89,7 +89,7 @@ def test_append_file_uploads_only_new_bytes(root):
     # Appending composed the parts in; none is left behind.
     assert paths.listdir(root) == ['metrics.jsonl']
   # Reopening appends after what is there (a resumed run).
-  again = paths.AppendFile(path, binary=True)
+  again = append_log.AppendFile(path, binary=True)
   again.write(b'{"step": 40}\n')
   again.close()
   assert paths.read_text(path) == want + '{"step": 40}\n'
@@ -97,7 +97,7 @@ def test_append_file_uploads_only_new_bytes(root):
 
 def test_append_file_uploads_in_the_background(gs_bucket):
   path = gs_bucket + '/train.log'
-  log = paths.AppendFile(path, background_s=0.05)
+  log = append_log.AppendFile(path, background_s=0.05)
   log.write('one\n')
   deadline = time.monotonic() + 10
   while log.pending and time.monotonic() < deadline:
@@ -111,7 +111,7 @@ def test_append_file_uploads_in_the_background(gs_bucket):
 def test_append_file_keeps_bytes_when_the_server_is_down(gcs, gs_bucket, monkeypatch):
   path = gs_bucket + '/train.log'
   errors = []
-  log = paths.AppendFile(path, background_s=0.05, on_error=errors.append)
+  log = append_log.AppendFile(path, background_s=0.05, on_error=errors.append)
   log.write('first\n')
   log.flush()
   gcs_server.fast_gcsfs_retries(monkeypatch)
@@ -135,7 +135,7 @@ def test_append_file_keeps_bytes_when_the_server_is_down(gcs, gs_bucket, monkeyp
 def test_append_file_keeps_bytes_when_the_server_answers_503(gcs, gs_bucket, monkeypatch):
   """A 5xx once gcsfs's retries are spent (its HttpError, not an OSError) keeps them too."""
   path = gs_bucket + '/train.log'
-  log = paths.AppendFile(path)
+  log = append_log.AppendFile(path)
   log.write('first\n')
   log.flush()
   gcs_server.fast_gcsfs_retries(monkeypatch)
@@ -179,17 +179,17 @@ def test_makedirs_never_creates_a_bucket(gcs):
 
 
 def test_check_writable(gcs, gs_bucket, tmp_path):
-  paths.check_writable(gs_bucket + '/run')
+  storage_checks.check_writable(gs_bucket + '/run')
   assert paths.listdir(gs_bucket) == []  # the probe is removed
-  paths.check_writable(str(tmp_path / 'new' / 'run'))
+  storage_checks.check_writable(str(tmp_path / 'new' / 'run'))
   assert os.listdir(tmp_path / 'new' / 'run') == []
   with pytest.raises(paths.StorageError,
                      match=r'^bucket gs://no-such-bucket-x does not exist .*gcloud storage '
                            r'buckets create gs://no-such-bucket-x'):
-    paths.check_writable('gs://no-such-bucket-x/run')
+    storage_checks.check_writable('gs://no-such-bucket-x/run')
   assert 'no-such-bucket-x' not in gcs.buckets()
   with pytest.raises(paths.StorageError, match='only local paths and gs://'):
-    paths.check_writable('s3://bucket/run')
+    storage_checks.check_writable('s3://bucket/run')
 
 
 def _proxy_on_port_with(digits: str, upstream: str, refuse):
@@ -216,7 +216,7 @@ def test_check_writable_says_when_writes_or_credentials_are_refused(gcs, gs_buck
     monkeypatch.setenv('STORAGE_EMULATOR_HOST', proxy.url)
     monkeypatch.setattr(paths, '_FS', None)
     with pytest.raises(paths.StorageError, match=rf'/run is not writable: {says}'):
-      paths.check_writable(gs_bucket + '/run')
+      storage_checks.check_writable(gs_bucket + '/run')
   finally:
     proxy.close()
 
@@ -225,8 +225,8 @@ def test_no_credentials_names_the_login_command(monkeypatch):
   """Without an emulator and without credentials: stop before any request."""
   monkeypatch.delenv('STORAGE_EMULATOR_HOST')
   monkeypatch.setattr(paths, '_FS', None)
-  monkeypatch.setattr(paths, '_fs', lambda: pytest.fail('a request was attempted'))
+  monkeypatch.setattr(paths, 'gcs', lambda: pytest.fail('a request was attempted'))
   with pytest.raises(paths.StorageError,
                      match=r'no Google Cloud credentials found: run `gcloud auth '
                            r'application-default login`'):
-    paths.check_writable('gs://some-bucket/run')
+    storage_checks.check_writable('gs://some-bucket/run')

@@ -1,5 +1,7 @@
 """Fault tolerance of the training loop, checkpoints, config and workdir (issue 7).
 
+The config rules themselves are tests/test_config_validation.py's.
+
 Subprocess tests run the real `python main.py` (tests/subprocess_runs.py:
 small config, shared compilation cache) and kill or signal it at a random
 step, printed, and settable with MCL_TEST_KILL_STEP / MCL_TEST_STOP_STEPS.
@@ -11,7 +13,6 @@ import gc
 import hashlib
 import logging
 import os
-import random
 import re
 import shutil
 import signal
@@ -22,7 +23,7 @@ import numpy as np
 import pytest
 
 from tests import subprocess_runs as runs
-from configs import test_tiny
+from tests.tiny_config import tiny_config
 from mcl_jax.training import checkpointing, logs, loop, signals
 from mcl_jax import config_validation
 from mcl_jax.training import state as state_lib
@@ -36,77 +37,7 @@ pytestmark = pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptio
 # each value (runs.same_up_to_rounding).
 
 
-def _rng():
-  return random.Random(int.from_bytes(os.urandom(8), 'little'))
-
-
-def _env_steps(name):
-  v = os.environ.get(name)
-  return [int(x) for x in v.split(',')] if v else None
-
-
-def _assert_losses_match(workdir, steps, label):
-  got, want = runs.metrics_by_step(workdir), runs.reference()['metrics']
-  diffs = runs.loss_diffs(got, want, steps)
-  worst = max(diffs.values())
-  print(f'{label}: steps {min(steps)}..{max(steps)}, max |loss - uninterrupted| = {worst:.3g}')
-  runs.same_up_to_rounding(got, want, steps, ('loss',), f'{label} vs uninterrupted')
-  return worst
-
-
-# ------------------------------------------------------ 4. config validation --
-
-def _config(**overrides):
-  c = test_tiny.get_config()
-  for dotted, value in overrides.items():
-    node = c
-    *path, leaf = dotted.split('.')
-    for p in path:
-      node = node[p]
-    node[leaf] = value
-  return c
-
-
-@pytest.mark.parametrize('overrides, devices, field', [
-    ({'optim.global_batch': 12}, 8, 'optim.global_batch'),           # not a multiple of 8 devices
-    ({'optim.global_batch': 0}, 1, 'optim.global_batch'),
-    ({'optim.global_batch': 32}, 8, 'montage.group_size'),           # 4 per device < group of 8
-    ({'montage.canvas_divisors': (1, 4, 16, 8)}, 1, r'montage.canvas_divisors\[2\]'),  # 8/16 = 0 canvases
-    ({'montage.canvas_divisors': (1, 0, 8, 8)}, 1, r'montage.canvas_divisors\[1\]'),
-    ({'montage.canvas_divisors': (1, 4)}, 1, 'montage.canvas_divisors'),
-    ({'data.image_size': 48}, 1, 'data.image_size'),                 # P5 stride 32 / 8x8 tiles
-    ({'data.image_size': 16}, 1, 'data.image_size'),
-    ({'loss.level_weights': (0.5, 0.25, 0.125, 0.1, 0.025)}, 1, 'loss.level_weights'),
-    ({'loss.level_weights': ()}, 1, 'loss.level_weights'),
-    ({'loss.level_weights': (0.5, -0.5)}, 1, 'loss.level_weights'),
-    ({'montage.grids': (1, 2, 4)}, 1, 'montage.grids'),              # 4 weights, 3 grids
-    ({'data.num_crops': 6}, 1, 'data.num_crops'),                    # 4 levels need 8 crops
-    ({'optim.base_lr': 0.0}, 1, 'optim.base_lr'),
-    ({'optim.base_lr': -1.0}, 1, 'optim.base_lr'),
-    ({'optim.base_lr': float('nan')}, 1, 'optim.base_lr'),
-    ({'optim.momentum': 1.0}, 1, 'optim.momentum'),
-    ({'optim.momentum': -0.1}, 1, 'optim.momentum'),
-    ({'keep_checkpoints': 0}, 1, 'keep_checkpoints'),
-    ({'checkpoint_every': 0}, 1, 'checkpoint_every'),
-])
-def test_config_validation_names_field_value_and_rule(overrides, devices, field):
-  config = _config(**overrides)
-  with pytest.raises(config_validation.ConfigError, match=field) as e:
-    config_validation.validate(config, devices)
-  msg = str(e.value)
-  value = next(iter(overrides.values()))
-  assert msg.startswith('config.') and ': ' in msg, msg
-  if not isinstance(value, tuple):
-    assert repr(value) in msg or str(value) in msg, msg
-
-
-def test_reference_configs_are_valid():
-  from configs import demo, mcl_100ep
-  config_validation.validate(mcl_100ep.get_config(), 32, 4)
-  config_validation.validate(demo.get_config(), 2)
-  config_validation.validate(test_tiny.get_config(), 2, 2)
-  config_validation.validate(_config(**{'optim.global_batch': 24}), 3)  # 8 per device
-
+# ------------------------------------------- 4. config validation (the run) --
 
 def test_validation_runs_before_anything_else(tmp_path, monkeypatch):
   """An impossible config fails at once: no workdir, no compile, no data."""
@@ -115,7 +46,7 @@ def test_validation_runs_before_anything_else(tmp_path, monkeypatch):
   workdir = tmp_path / 'never'
   t0 = time.monotonic()
   with pytest.raises(config_validation.ConfigError, match='optim.momentum'):
-    loop.train_and_evaluate(_config(**{'optim.momentum': 1.5, 'optim.global_batch': 64}),
+    loop.train_and_evaluate(tiny_config(**{'optim.momentum': 1.5, 'optim.global_batch': 64}),
                              str(workdir))
   assert time.monotonic() - t0 < 5 and not workdir.exists()
 
@@ -166,7 +97,7 @@ def test_unusable_workdir_fails_before_compiling(tmp_path, monkeypatch):
   blocker = tmp_path / 'a_file'
   blocker.write_text('')
   with pytest.raises(checkpointing.CheckpointError, match='cannot be created'):
-    loop.train_and_evaluate(_config(**{'optim.global_batch': 64}), str(blocker / 'run'))
+    loop.train_and_evaluate(tiny_config(**{'optim.global_batch': 64}), str(blocker / 'run'))
 
 
 def test_truncate_metrics_keeps_one_line_per_step(tmp_path):
@@ -182,7 +113,8 @@ def test_truncate_metrics_keeps_one_line_per_step(tmp_path):
 
 def test_sigkill_at_random_step_then_resume_matches_uninterrupted(tmp_path):
   ref = runs.reference()
-  k = (_env_steps('MCL_TEST_KILL_STEP') or [_rng().randint(3, runs.NUM_STEPS - 3)])[0]
+  k = (runs.env_steps('MCL_TEST_KILL_STEP')
+       or [runs.random_steps_rng().randint(3, runs.NUM_STEPS - 3)])[0]
   workdir = str(tmp_path / 'run')
   r = runs.Run(workdir, name='killed')
   seen = r.wait_for_step(k)
@@ -206,9 +138,9 @@ def test_sigkill_at_random_step_then_resume_matches_uninterrupted(tmp_path):
           else 'Starting a new run') in out, out[-3000:]
   # metrics.jsonl was cut back to `start` on resume: each step once, in order.
   assert runs.logged_steps(workdir) == list(range(1, runs.NUM_STEPS + 1))
-  _assert_losses_match(workdir, range(start + 1, runs.NUM_STEPS + 1),
+  runs.assert_losses_match(workdir, range(start + 1, runs.NUM_STEPS + 1),
                        f'resumed from {start} after SIGKILL at {seen}')
-  _assert_losses_match(workdir, range(1, runs.NUM_STEPS + 1), 'whole log')
+  runs.assert_losses_match(workdir, range(1, runs.NUM_STEPS + 1), 'whole log')
   assert not [e for e in runs.checkpoint_entries(workdir) if 'tmp' in e]
   got, _ = runs.load_state(workdir, runs.NUM_STEPS)
   want, _ = runs.load_state(ref['workdir'], runs.NUM_STEPS)
@@ -249,8 +181,8 @@ def corrupt(step_dir, how):
 
 def test_sigterm_saves_and_exits_0_then_corrupt_latest_falls_back_then_sigint(tmp_path):
   runs.reference()
-  rng = _rng()
-  j1, j2 = _env_steps('MCL_TEST_STOP_STEPS') or (rng.randint(3, 6), rng.randint(8, 9))
+  rng = runs.random_steps_rng()
+  j1, j2 = runs.env_steps('MCL_TEST_STOP_STEPS') or (rng.randint(3, 6), rng.randint(8, 9))
   workdir = str(tmp_path / 'run')
 
   # SIGTERM: checkpoint of the current step, exit status 0.
@@ -263,7 +195,7 @@ def test_sigterm_saves_and_exits_0_then_corrupt_latest_falls_back_then_sigint(tm
         f'checkpoints {runs.checkpoint_entries(workdir)}')
   assert f'Stopped after step {s1} (SIGTERM)' in r.output()
   assert max(runs.checkpoint_steps(workdir)) == s1 and s1 < runs.NUM_STEPS
-  _assert_losses_match(workdir, range(1, s1 + 1), 'before SIGTERM')
+  runs.assert_losses_match(workdir, range(1, s1 + 1), 'before SIGTERM')
 
   # Corrupt the newest checkpoint: the rerun warns, restores the previous one,
   # moves the bad one aside, and trains on exactly as the uninterrupted run.
@@ -286,7 +218,7 @@ def test_sigterm_saves_and_exits_0_then_corrupt_latest_falls_back_then_sigint(tm
   assert f'{s1}.corrupt' in runs.checkpoint_entries(workdir)
   assert max(runs.checkpoint_steps(workdir)) == s2
   assert runs.logged_steps(workdir) == list(range(1, s2 + 1))
-  _assert_losses_match(workdir, range(previous + 1, s2 + 1), 'after the fallback')
+  runs.assert_losses_match(workdir, range(previous + 1, s2 + 1), 'after the fallback')
   state, got = runs.load_state(workdir)
   assert got == s2 and int(state.step) == s2
 

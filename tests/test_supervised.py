@@ -7,7 +7,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from configs import demo_supervised, mcl_supervised_100ep, test_tiny
-from mcl_jax.eval import export
+from mcl_jax.eval import exporters
 from mcl_jax.data import input_pipeline
 from mcl_jax.pretext import losses
 from mcl_jax.training import step as step_lib
@@ -111,5 +111,5 @@ def test_short_supervised_run_on_digits_learns():
   first, last = np.mean(accs[:5]), np.mean(accs[-10:])
   print(f'supervised digits: level-0 tile accuracy {first:.3f} -> {last:.3f}')
   assert last > 0.8 and last > first + 0.5
-  d2 = export.to_detectron2({'params': state.params, 'batch_stats': state.batch_stats})
+  d2 = exporters.to_detectron2({'params': state.params, 'batch_stats': state.batch_stats})
   assert 'box_head.conv4.weight' in d2['model']

@@ -33,6 +33,8 @@ import os
 
 import numpy as np
 
+from mcl_jax import errors
+
 IGNORE = 255
 NO_OBJECT = 255
 SIZE_NAMES = ('small', 'medium', 'large')
@@ -54,7 +56,7 @@ VOC_CLASS_NAMES = ('background', 'aeroplane', 'bicycle', 'bird', 'boat', 'bottle
                    'person', 'pottedplant', 'sheep', 'sofa', 'train', 'tvmonitor')
 
 
-class SegmentationDataError(ValueError):
+class SegmentationDataError(errors.RunError, ValueError):
   """Segmentation data that cannot be read (one line: which file, what is wrong)."""
 
 

@@ -7,8 +7,10 @@ config (configs/mcl_100ep.py), so the data code needs no defaults.
 import dataclasses
 from typing import Optional
 
+from mcl_jax import errors
 
-class DatasetNotFoundError(ValueError):
+
+class DatasetNotFoundError(errors.RunError, ValueError):
   """The configured data is missing; the message says what to provide."""
 
 

@@ -6,5 +6,7 @@
 * `batch_norm`: BatchNorm with a backward pass that keeps only its input,
   and `GroupedBatchNorm` (statistics per montage level).
 * `remat`: `model.remat`, recomputation whose backward waits for its cotangent.
+* `montage_layout`: the montage geometry (`Layout`): which tiles, where, at
+  which level; region cutting reads it.
 * `model`: `MCLNet`, region cutting, `create_model`.
 """

@@ -21,7 +21,7 @@ from mcl_jax.nn import remat as remat_lib
 from mcl_jax.nn import roi_align
 from mcl_jax.nn.fpn import FPN
 from mcl_jax.nn.heads import Predictor, RegionNeck
-from mcl_jax.pretext.montage import Layout
+from mcl_jax.nn.montage_layout import Layout
 from mcl_jax.nn.resnet import ResNet
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}

@@ -16,7 +16,7 @@ import jax
 from mcl_jax.pretext import losses, montage
 from mcl_jax.nn import remat as remat_lib
 from mcl_jax.nn.model import MCLNet
-from mcl_jax.pretext.montage import Layout
+from mcl_jax.nn.montage_layout import Layout
 
 
 def view_canvases(crops, view: int, layout: Layout, key, mesh, method: str):

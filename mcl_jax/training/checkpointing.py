@@ -13,7 +13,7 @@ Layout of a workdir:
                        a checkpoint that failed to restore while an older
                        one restored: moved aside so that Orbax neither
                        restores it nor counts it against keep_checkpoints
-  metrics.jsonl, events.* (TensorBoard), montage.png (logs.py, eval/visualize.py)
+  metrics.jsonl, events.* (TensorBoard), montage.png (logs.py, eval/pictures.py)
 
 The workdir may be local or gs://BUCKET/path: everything here goes through
 mcl_jax.paths, and Orbax writes the arrays with tensorstore's GCS driver.
@@ -30,14 +30,14 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
-from mcl_jax import paths
+from mcl_jax import errors, paths, storage_checks
 from mcl_jax.training import state as state_lib
 from mcl_jax.training import optim
 
 CONFIG_FILE = 'config.json'
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(errors.RunError, RuntimeError):
   """A workdir whose checkpoints cannot be used."""
 
 
@@ -50,10 +50,10 @@ def check_workdir(workdir: str) -> bool:
   os.access: that also catches read-only mounts, and is not fooled by root,
   for whom os.access reports every directory writable. gs://: credentials,
   then a probe object, which also tells a missing bucket from a refused
-  write (paths.check_writable).
+  write (storage_checks.check_writable).
   """
   try:
-    return paths.check_writable(workdir)
+    return storage_checks.check_writable(workdir)
   except paths.StorageError as e:
     if paths.is_cloud(workdir):  # the message says what to do
       raise CheckpointError(f'workdir {e}' if str(e).startswith('gs://') else str(e)) from e
@@ -336,3 +336,11 @@ def load_variables(workdir: str, step: int | None = None, which: str = 'online')
   if which == 'online':
     return config, {'params': state.params, 'batch_stats': state.batch_stats}
   return config, {'params': state.target_params, 'batch_stats': state.target_batch_stats}
+
+
+def checkpoint_label(workdir: str, step: int | None, which: str) -> str:
+  """A tool's name for the checkpoint it read: '<which> step <N>' (N: `step` or the newest)."""
+  if step is None:
+    steps = latest_steps(workdir)
+    step = steps[0] if steps else None
+  return f'{which} step {step}' if step is not None else which

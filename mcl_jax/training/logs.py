@@ -4,7 +4,7 @@ Owns metrics.jsonl: `MetricWriter` appends one line per step, and
 `truncate_metrics` cuts it back to a restored step when a run resumes.
 
 Locally every line is written and flushed at once, as to any file. On a
-gs:// workdir (GCS has no appends: mcl_jax.paths.AppendFile) the lines are
+gs:// workdir (GCS has no appends: mcl_jax.append_log.AppendFile) the lines are
 uploaded in batches by a background thread every CLOUD_FLUSH_S seconds, and
 by the training loop before each checkpoint is saved (`MetricWriter.flush`),
 so that a checkpoint never covers a step whose line is not in the bucket.
@@ -20,7 +20,7 @@ from absl import logging
 import jax
 import numpy as np
 
-from mcl_jax import paths
+from mcl_jax import append_log, paths
 
 METRICS_FILE = 'metrics.jsonl'
 # gs:// logs: one upload per file this often in the background (GCS takes
@@ -38,7 +38,7 @@ class MetricWriter:
     self._t0, self._step0 = None, None
     self._tb = self._jsonl = None
     if self.active:
-      self._jsonl = paths.AppendFile(paths.join(workdir, METRICS_FILE),
+      self._jsonl = append_log.AppendFile(paths.join(workdir, METRICS_FILE),
                                      background_s=CLOUD_FLUSH_S,
                                      on_error=lambda e: logging.warning('%s', e))
       try:
@@ -128,7 +128,7 @@ def truncate_metrics(workdir: str, step: int) -> int:
 
 
 class _TensorBoardFile:
-  """tensorboardX's event-file target on gs://: a paths.AppendFile.
+  """tensorboardX's event-file target on gs://: a append_log.AppendFile.
 
   tensorboardX writes the records and calls flush() from its own thread
   every flush_secs and on SummaryWriter.flush/close; each flush appends only
@@ -141,7 +141,7 @@ class _TensorBoardFile:
   """
 
   def __init__(self, path: str):
-    self.file = paths.AppendFile(path, binary=True)
+    self.file = append_log.AppendFile(path, binary=True)
     self._failing = False
     _TENSORBOARD_FILES.append(self)
 

@@ -20,15 +20,15 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from mcl_jax import cli, config_validation, paths
+from mcl_jax import append_log, cli, config_validation, errors, paths
 from mcl_jax.data import device_crops, input_pipeline
-from mcl_jax.eval import visualize
+from mcl_jax.eval import pictures
 from mcl_jax.training import checkpointing, logs, memory, optim, signals
 from mcl_jax.training import state as state_lib
 from mcl_jax.training.step import make_train_step
 
 
-class NonFiniteError(FloatingPointError):
+class NonFiniteError(errors.RunError, FloatingPointError):
   """A NaN or Inf in the loss or the gradient norm."""
 
 
@@ -72,18 +72,18 @@ def train_and_evaluate(config, workdir: str) -> dict:
   process 0 alone writes config.json and metrics, all of them save.
   """
   config_validation.validate(config, jax.device_count(), jax.process_count())
-  data = _open_data(config)
+  source = _open_source(config)
   created = checkpointing.check_workdir(workdir)
   try:
     checkpointing.check_compatible(workdir, config)
     _open_log_file(workdir)
-    num_steps = state_lib.total_steps(config, data.num_examples)
-    run = _Run(config, workdir, data, state_lib.make_mesh(), num_steps,
-               optim.create_optimizer(config, num_steps))
+    num_steps = state_lib.total_steps(config, source.num_examples)
+    setup = RunSetup(config, workdir, source, state_lib.make_mesh(), num_steps,
+                     optim.create_optimizer(config, num_steps))
     with signals.StopSignal(jax.process_count()) as stop:
       manager = checkpointing.make_manager(workdir, config.keep_checkpoints)
       try:
-        return _run(run, manager, stop)
+        return _train(setup, manager, stop)
       finally:
         # Also on errors (a non-finite step, an interrupt): a save in flight is
         # of a state that passed its checks; finish it rather than leave a tmp dir.
@@ -95,7 +95,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     raise
 
 
-def _open_data(config) -> input_pipeline.DataSource:
+def _open_source(config) -> input_pipeline.DataSource:
   """Opens the configured data source once, so that missing data fails before any set-up.
 
   Raises:
@@ -104,26 +104,26 @@ def _open_data(config) -> input_pipeline.DataSource:
       supervised objective.
   """
   try:
-    data = input_pipeline.open_source(config.data)
+    source = input_pipeline.open_source(config.data)
   except input_pipeline.DatasetNotFoundError:
     raise
   except ValueError as e:  # an unknown data.source
     raise config_validation.ConfigError(str(e)) from e
   if config.objective == 'supervised':
     try:  # an unlabelled source, or too few classes: one clear error
-      data.require_labels()
+      source.require_labels()
     except input_pipeline.DatasetNotFoundError:
       raise
     except ValueError as e:
       raise config_validation.ConfigError(str(e)) from e
-  return data
+  return source
 
 
 def _open_log_file(workdir: str):
   """WORKDIR/train.log (train.<process>.log beyond process 0), if the CLI logs."""
   name = LOG_FILE if jax.process_index() == 0 else f'train.{jax.process_index()}.log'
   if jax.process_index() == 0:
-    paths.remove_leftover_parts(workdir)  # of appends cut short by a kill (gs://)
+    append_log.remove_leftover_parts(workdir)  # of appends cut short by a kill (gs://)
   cli.log_to_file(paths.join(workdir, name))
 
 
@@ -141,66 +141,71 @@ def _remove_unstarted(workdir: str):
 
 
 @dataclasses.dataclass(frozen=True)
-class _Run:
-  """What stays fixed over a run: config, workdir, data, mesh, length, optimizer."""
+class RunSetup:
+  """What stays fixed over a run: config, workdir, data source, mesh, length, optimizer.
+
+  `source` is the run's one opened data source: the training batches and the
+  final evaluation's arrays both come from it.
+  """
   config: ml_collections.ConfigDict
   workdir: str
-  data: input_pipeline.DataSource
+  source: input_pipeline.DataSource
   mesh: jax.sharding.Mesh
   num_steps: int
   tx: optax.GradientTransformation
 
 
-def _restore_or_init(run: _Run, manager):
+def _restore_or_init(setup: RunSetup, manager):
   """The newest readable checkpoint's state and step, or a new state at step 0."""
-  config, workdir = run.config, run.workdir
-  replicated = NamedSharding(run.mesh, P())
+  config, workdir = setup.config, setup.workdir
+  replicated = NamedSharding(setup.mesh, P())
   state, start = checkpointing.restore_latest(
-      manager, state_lib.abstract_train_state(config, run.tx, run.mesh))
+      manager, state_lib.abstract_train_state(config, setup.tx, setup.mesh))
   if state is None:
-    init = jax.jit(functools.partial(state_lib.create_train_state, config, tx=run.tx),
+    init = jax.jit(functools.partial(state_lib.create_train_state, config, tx=setup.tx),
                    out_shardings=replicated)
     state, start = init(jax.random.key(config.seed)), 0
     checkpointing.save_config(workdir, config)
     logging.info('==> Starting a new run: %d steps of %d images, a checkpoint every %d '
-                 'steps.', run.num_steps, config.optim.global_batch, config.checkpoint_every)
+                 'steps.', setup.num_steps, config.optim.global_batch, config.checkpoint_every)
   else:
     if not paths.exists(paths.join(workdir, checkpointing.CONFIG_FILE)):
       checkpointing.save_config(workdir, config)
-    if start >= run.num_steps:
+    if start >= setup.num_steps:
       logging.info('==> Already finished at step %d (of %d): nothing to train.', start,
-                   run.num_steps)
+                   setup.num_steps)
     else:
       logging.info('==> Resumed from the checkpoint of step %d. %d of %d steps to go.',
-                   start, run.num_steps - start, run.num_steps)
+                   start, setup.num_steps - start, setup.num_steps)
   return state, start
 
 
-def _run(run: _Run, manager, stop: signals.StopSignal) -> dict:
-  config, num_steps = run.config, run.num_steps
-  _log_where(run.workdir)
-  state, start = _restore_or_init(run, manager)
+def _train(setup: RunSetup, manager, stop: signals.StopSignal) -> dict:
+  """The steps from the newest checkpoint (or 0) to the end or a stop; the final evaluation."""
+  config, num_steps = setup.config, setup.num_steps
+  _log_where(setup.workdir)
+  state, start = _restore_or_init(setup, manager)
   if start >= num_steps:
-    return _already_finished(run, state)
+    return _already_finished(setup, state)
   # Steps after `start` are trained (and logged) again: drop their old lines.
-  logs.truncate_metrics(run.workdir, start)
+  logs.truncate_metrics(setup.workdir, start)
   last_saved = start if start else None
 
-  train_step = make_train_step(config, run.mesh, run.tx, num_steps)
-  batch_sharding = NamedSharding(run.mesh, P('data'))
-  data = run.data.train_iterator(global_batch=config.optim.global_batch, seed=config.seed,
+  train_step = make_train_step(config, setup.mesh, setup.tx, num_steps)
+  batch_sharding = NamedSharding(setup.mesh, P('data'))
+  batches = setup.source.train_iterator(global_batch=config.optim.global_batch, seed=config.seed,
                                  start_step=start)
-  writer = logs.MetricWriter(run.workdir, num_steps, config.optim.global_batch)
+  writer = logs.MetricWriter(setup.workdir, num_steps, config.optim.global_batch)
   last = {}
   stopped = False
   pending = None  # (step, metrics) of the step in flight: checked one step late
   try:
     for step in range(start, num_steps):
-      batch = input_pipeline.to_global_batch(next(data), batch_sharding)
+      batch = input_pipeline.to_global_batch(next(batches), batch_sharding)
       images = device_crops.step_images(batch, config.data.crop_on)
       if step == start == 0 and config.montage_png:
-        visualize.write_montage_png(config, device_crops.crops_of(images, config.data),
-                                    paths.join(run.workdir, 'montage.png'))
+        pictures.write_montage_png(config, device_crops.crops_of(images, config.data),
+                                    paths.join(setup.workdir, 'montage.png'))
       if step == start:
         # The first call compiles. XLA's "Very slow compile?" alarm, printed
         # from C++ on a busy CPU, goes to the log file, not the console.
@@ -208,7 +213,7 @@ def _run(run: _Run, manager, stop: signals.StopSignal) -> dict:
         with cli.native_stderr_to_log('xla'):
           # Compiled ahead of time: its memory is checked before it runs.
           train_step = train_step.lower(state, images, batch['label']).compile()
-        memory.check_step_fits(train_step, config, run.mesh)
+        memory.check_step_fits(train_step, config, setup.mesh)
         state, metrics = train_step(state, images, batch['label'])
       else:
         state, metrics = train_step(state, images, batch['label'])
@@ -226,7 +231,7 @@ def _run(run: _Run, manager, stop: signals.StopSignal) -> dict:
         writer.flush()
         checkpointing.save(manager, done, state, force=True)
         logging.info('checkpoint of step %d -> %s', done,
-                     paths.join(checkpointing.checkpoint_dir(run.workdir), str(done)))
+                     paths.join(checkpointing.checkpoint_dir(setup.workdir), str(done)))
         last_saved = done
       if stopped:
         logging.info('Stopped after step %d (%s); checkpoint saved. Rerun the same '
@@ -238,7 +243,7 @@ def _run(run: _Run, manager, stop: signals.StopSignal) -> dict:
     writer.close()
   manager.wait_until_finished()
   if config.eval_knn_at_end and not stopped and jax.process_index() == 0:
-    last.update(_final_eval(config, state))
+    last.update(_final_eval(config, state, setup.source))
   return last
 
 
@@ -250,11 +255,11 @@ def _log_where(workdir: str):
                workdir)
 
 
-def _already_finished(run: _Run, state) -> dict:
+def _already_finished(setup: RunSetup, state) -> dict:
   """A rerun of a finished run: the final table if the config asks for it."""
-  if run.config.eval_knn_at_end and jax.process_index() == 0:
-    return _final_eval(run.config, state)
-  logging.info('Evaluate it with: python -m mcl_jax.evaluate --workdir=%s', run.workdir)
+  if setup.config.eval_knn_at_end and jax.process_index() == 0:
+    return _final_eval(setup.config, state, setup.source)
+  logging.info('Evaluate it with: python -m mcl_jax.evaluate --workdir=%s', setup.workdir)
   return {}
 
 
@@ -266,21 +271,21 @@ def _finish_step(step: int, metrics, writer, config, last_saved=None) -> dict:
   return host
 
 
-def _final_eval(config, state) -> dict:
-  """kNN on held-out data before (random init) and after pretraining."""
-  from mcl_jax.eval import evaluate  # late: evaluation pulls in scikit-learn
+def _final_eval(config, state, source: input_pipeline.DataSource) -> dict:
+  """kNN on held-out data of the run's `source`, before (random init) and after pretraining."""
+  from mcl_jax.eval import probes  # late: evaluation pulls in scikit-learn
   # Host copies: the state is replicated over every process's devices, and
   # process 0 evaluates alone on its own devices.
   local = lambda x: np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array) else x
   trained = jax.tree.map(local, {'params': state.params, 'batch_stats': state.batch_stats})
   logging.info('Evaluating the backbone (kNN and linear probe on held-out data)...')
-  result = evaluate.evaluate_variables(config, trained, compare_random_init=True)
-  logging.info('%s', evaluate.format_table(result))
+  result = probes.evaluate_variables(config, trained, compare_random_init=True, source=source)
+  logging.info('%s', probes.format_table(result))
   out = {f'eval_{k}': v for k, v in result.items() if isinstance(v, (int, float))}
   if config.eval_dense_at_end:
-    from mcl_jax.eval import dense_eval  # pylint: disable=import-outside-toplevel
+    from mcl_jax.eval import dense_probe  # pylint: disable=import-outside-toplevel
     logging.info('Dense probe (frozen FPN, linear per-pixel classifier on digit scenes)...')
-    dense = dense_eval.evaluate_variables(config, trained, compare_random_init=True)
-    logging.info('%s', dense_eval.format_table(dense))
+    dense = dense_probe.evaluate_variables(config, trained, compare_random_init=True)
+    logging.info('%s', dense_probe.format_table(dense))
     out.update({f'dense_{k}': v for k, v in dense.items() if isinstance(v, (int, float))})
   return out

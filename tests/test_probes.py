@@ -1,4 +1,4 @@
-"""kNN / linear probe / feature extraction of mcl_jax.eval.evaluate."""
+"""kNN / linear probe / feature extraction of mcl_jax.eval.probes."""
 
 import jax
 import jax.numpy as jnp
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from mcl_jax import evaluate as evaluate_cmd
-from mcl_jax.eval import evaluate
+from mcl_jax.eval import probes
 from mcl_jax.data import input_pipeline
 from mcl_jax.nn import model as model_lib
 from mcl_jax.nn.model import MCLNet
@@ -88,29 +88,29 @@ def test_knn_matches_numpy_loop(k, chunk):
   test_f = rng.normal(size=(50, 16)).astype(np.float32)
   test_y = rng.integers(0, 6, 50)
   want = knn_reference(train_f, train_y, test_f, min(k, 200), 0.07)
-  got = evaluate.knn_predict(train_f, train_y, test_f, k=k, t=0.07, chunk=chunk)
+  got = probes.knn_predict(train_f, train_y, test_f, k=k, t=0.07, chunk=chunk)
   np.testing.assert_array_equal(got, want)
   # A count of correct predictions over 50: one rounding.
-  assert evaluate.knn_top1(train_f, train_y, test_f, test_y, k, 0.07, chunk) == pytest.approx(
+  assert probes.knn_top1(train_f, train_y, test_f, test_y, k, 0.07, chunk) == pytest.approx(
       np.mean(want == test_y), rel=tolerance.tol(np.float32, 1, worst_case=True))
 
 
 def test_knn_on_separable_features():
   rng = np.random.default_rng(0)
   train_f, train_y, test_f, test_y = separable(rng, 300, 100)
-  assert evaluate.knn_top1(train_f, train_y, test_f, test_y) >= 0.99
+  assert probes.knn_top1(train_f, train_y, test_f, test_y) >= 0.99
 
 
 def test_linear_probe_on_separable_features():
   rng = np.random.default_rng(1)
   train_f, train_y, test_f, test_y = separable(rng, 300, 100, noise=1.0)
-  assert evaluate.linear_probe(train_f, train_y, test_f, test_y) > 0.9
+  assert probes.linear_probe(train_f, train_y, test_f, test_y) > 0.9
 
 
 def test_extract_features_tiny_model(tiny):
   config, model, variables = tiny
   images = np.random.default_rng(0).integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
-  feats = evaluate.extract_features(model, variables, images, config.augment, batch_size=3)
+  feats = probes.extract_features(model, variables, images, config.augment, batch_size=3)
   assert feats.shape == (5, model.width * 8) and feats.dtype == np.float32
   assert np.isfinite(feats).all() and feats.std() > 0
   # Same as pooling MCLNet.features' C5 of the normalised images, eval mode.
@@ -127,7 +127,7 @@ def test_extract_features_tiny_model(tiny):
   tolerance.assert_close(feats, np.asarray(c5).mean(axis=(1, 2)), atol=tol,
                          what='extract_features vs pooled C5')
   # Batch size (padding, device split) does not change the features.
-  feats8 = evaluate.extract_features(model, variables, images, config.augment, batch_size=8)
+  feats8 = probes.extract_features(model, variables, images, config.augment, batch_size=8)
   tolerance.assert_close(feats, feats8, atol=tol, what='extract_features, batch 3 vs 8')
 
 
@@ -135,20 +135,20 @@ def test_evaluate_variables_and_table(tiny):
   config, model, variables = tiny
   rng = np.random.default_rng(4)
   data = (synthetic_images(rng, 40), synthetic_images(rng, 16))
-  result = evaluate.evaluate_variables(config, variables, compare_random_init=True,
+  result = probes.evaluate_variables(config, variables, compare_random_init=True,
                                        data=data, batch_size=8)
   for key in ('knn_top1', 'linear_top1', 'random_knn_top1', 'random_linear_top1'):
     assert 0.0 <= result[key] <= 1.0
   assert result['num_train'] == 40 and result['num_test'] == 16
   assert result['knn_top1'] >= 0.9  # brightness survives any random backbone
-  table = evaluate.format_table(result)
+  table = probes.format_table(result)
   assert 'random init' in table and 'trained' in table
 
 
 def test_missing_backbone_is_a_clear_error(tiny):
   config, model, _ = tiny
   with pytest.raises(ValueError, match='backbone'):
-    evaluate.extract_features(model, {'params': {}}, np.zeros((1, 32, 32, 3), np.uint8),
+    probes.extract_features(model, {'params': {}}, np.zeros((1, 32, 32, 3), np.uint8),
                               config.augment)
 
 

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn as tnn
 
 from mcl_jax import export as export_cmd
-from mcl_jax.eval import export
+from mcl_jax.eval import exporters
 from mcl_jax.nn import model as model_lib
 from mcl_jax.pretext import montage
 from mcl_jax.nn.model import MCLNet
@@ -352,7 +352,7 @@ def expected_torchvision(stage_sizes, bottleneck):
 
 
 def test_detectron2_r50_key_set_and_shapes():
-  ckpt = export.to_detectron2(abstract_variables(50))
+  ckpt = exporters.to_detectron2(abstract_variables(50))
   assert ckpt['__author__'] == 'mcl_jax' and ckpt['matching_heuristics'] is True
   got = {k: v.shape for k, v in ckpt['model'].items()}
   want = expected_detectron2_r50_fpn()
@@ -370,7 +370,7 @@ def test_detectron2_r50_key_set_and_shapes():
 
 @pytest.mark.parametrize('depth', [50, 18])
 def test_torchvision_key_set_and_shapes(depth):
-  sd = export.to_torchvision(abstract_variables(depth))
+  sd = exporters.to_torchvision(abstract_variables(depth))
   want = expected_torchvision((3, 4, 6, 3) if depth == 50 else (2, 2, 2, 2), depth == 50)
   assert len(want) == {50: 318, 18: 120}[depth]  # torchvision's count, fc excluded
   assert {k: v.shape for k, v in sd.items()} == want
@@ -394,12 +394,12 @@ def test_parity_with_torch(tiny, tmp_path):
 
   # torchvision: write and read back through torch.save / torch.load.
   pth = tmp_path / 'tv.pth'
-  export.save_torchvision(export.to_torchvision(variables), str(pth))
+  exporters.save_torchvision(exporters.to_torchvision(variables), str(pth))
   tv = TVResNet(TVBottleneck if bottleneck else TVBasic, model.stage_sizes, model.width)
   tv.load_state_dict(torch.load(pth), strict=True)
   # detectron2: through pickle.
   pkl = tmp_path / 'd2.pkl'
-  export.save_detectron2(export.to_detectron2(variables), str(pkl))
+  exporters.save_detectron2(exporters.to_detectron2(variables), str(pkl))
   with open(pkl, 'rb') as f:
     ckpt = pickle.load(f)
   d2 = D2Model(bottleneck, model.stage_sizes, model.width, model.fpn_channels, model.neck_convs)
@@ -430,7 +430,7 @@ def test_parity_with_torch(tiny, tmp_path):
 def test_encoder_subtree_exports_the_same(tiny):
   _, _, variables = tiny
   enc = {c: model_lib.encoder_subtree(variables[c]) for c in ('params', 'batch_stats')}
-  full, sub = export.to_detectron2(variables)['model'], export.to_detectron2(enc)['model']
+  full, sub = exporters.to_detectron2(variables)['model'], exporters.to_detectron2(enc)['model']
   assert set(full) == set(sub)
   assert all(np.array_equal(full[k], sub[k]) for k in full)
   # Kernels are transposed HWIO -> OIHW and BN state lands under the torch names.
@@ -444,16 +444,16 @@ def test_encoder_subtree_exports_the_same(tiny):
 def test_missing_subtrees_are_clear_errors(tiny):
   _, _, variables = tiny
   backbone_only = {c: {'backbone': variables[c]['backbone']} for c in ('params', 'batch_stats')}
-  with pytest.raises(export.ExportError, match="no 'fpn' subtree"):
-    export.to_detectron2(backbone_only)
-  assert export.to_detectron2(backbone_only, fpn=False, box_head=False)['model']
-  assert export.to_torchvision(backbone_only)
-  with pytest.raises(export.ExportError, match="no 'batch_stats' collection"):
-    export.to_torchvision({'params': variables['params']})
-  with pytest.raises(export.ExportError, match="no 'backbone' subtree"):
-    export.to_torchvision({'params': {}, 'batch_stats': {}})
-  with pytest.raises(export.ExportError, match='format'):
-    export.export(variables, 'onnx', 'x.onnx')
+  with pytest.raises(exporters.ExportError, match="no 'fpn' subtree"):
+    exporters.to_detectron2(backbone_only)
+  assert exporters.to_detectron2(backbone_only, fpn=False, box_head=False)['model']
+  assert exporters.to_torchvision(backbone_only)
+  with pytest.raises(exporters.ExportError, match="no 'batch_stats' collection"):
+    exporters.to_torchvision({'params': variables['params']})
+  with pytest.raises(exporters.ExportError, match="no 'backbone' subtree"):
+    exporters.to_torchvision({'params': {}, 'batch_stats': {}})
+  with pytest.raises(exporters.ExportError, match='format'):
+    exporters.export(variables, 'onnx', 'x.onnx')
 
 
 def test_convert_script_calls_checkpointing(tiny, tmp_path, monkeypatch):
@@ -474,7 +474,7 @@ def test_convert_script_calls_checkpointing(tiny, tmp_path, monkeypatch):
   assert calls == [('W', 3, 'target'), ('W', None, 'online')]
   with open(pkl, 'rb') as f:
     ckpt = pickle.load(f)
-  want = export.to_detectron2(variables)['model']
+  want = exporters.to_detectron2(variables)['model']
   assert set(ckpt['model']) == set(want)
   assert all(np.array_equal(ckpt['model'][k], want[k]) for k in want)
   tv = TVResNet(TVBottleneck if block == 'bottleneck' else TVBasic, model.stage_sizes, model.width)
@@ -523,7 +523,7 @@ def test_convert_script_end_to_end_orbax(tmp_path):
                         '--out', out]) == 0
     with open(out, 'rb') as f:
       got = pickle.load(f)['model']
-    want = export.to_detectron2({'params': params, 'batch_stats': stats})['model']
+    want = exporters.to_detectron2({'params': params, 'batch_stats': stats})['model']
     assert set(got) == set(want)
     for k in want:  # the same arrays relaid (transposes, renames): no rounding
       tolerance.assert_close(got[k], want[k], atol=0, what=f'export {which} {k} from a checkpoint')

@@ -1,4 +1,4 @@
-"""Dense probe (mcl_jax.eval.dense_eval) and its data (mcl_jax.data.segmentation)."""
+"""Dense probe (mcl_jax.eval.dense_probe) and its data (mcl_jax.data.segmentation)."""
 
 import os
 
@@ -10,7 +10,7 @@ from PIL import Image
 
 from mcl_jax import cli
 from mcl_jax import dense_eval as dense_eval_cmd
-from mcl_jax.eval import dense_eval
+from mcl_jax.eval import dense_probe
 from mcl_jax.data import segmentation as sd
 from tests import tolerance
 
@@ -32,7 +32,7 @@ def test_resize_matrices_match_jax_image_resize():
     tol = t(1 + 2 * 3, np.abs(x).max()) + 2 * t(3, n_in) * 2 * np.abs(x).max()
     tolerance.assert_close(sd.resize_digit(x, n_out), want, atol=tol,
                            what=f'resize_digit {n_in} -> {n_out}')
-    m = dense_eval.resize_matrix(n_in, n_out)
+    m = dense_probe.resize_matrix(n_in, n_out)
     tolerance.assert_close(m @ x @ m.T, want,
                            atol=tol + tolerance.tol(np.float32, 2, np.abs(x).max(), worst_case=True),
                            what=f'resize_matrix {n_in} -> {n_out}')
@@ -138,7 +138,7 @@ def test_score_matches_reference():
   preds = np.where(rng.random(labels.shape) < 0.6, labels, rng.integers(0, 6, labels.shape))
   preds = np.where(preds == 255, 0, preds).astype(np.uint8)
   bins = np.where(labels == 0, 255, rng.integers(0, 3, labels.shape)).astype(np.uint8)
-  got = dense_eval.score(labels, preds, bins, 6)
+  got = dense_probe.score(labels, preds, bins, 6)
   want = reference_scores(labels, preds, bins, 6)
   # float64 ratios of integer counts and their mean over at most 6 classes
   # (or 3 size bins): a sum of 6 and a quotient each, values <= 1.
@@ -157,7 +157,7 @@ def test_probe_logits_equal_upsample_concat_conv():
   x = jnp.concatenate(up, axis=-1)
   want = jax.image.resize(x @ params['kernel'] + params['bias'], (2, 32, 32, 7), 'linear',
                           antialias=False)
-  got = dense_eval.probe_logits(params, maps, (32, 32))
+  got = dense_probe.probe_logits(params, maps, (32, 32))
   # Two float32 orders of the same linear map: the 1x1 conv over 14 (or a
   # map's 2-5) channels, two bilinear resizes of 2 taps per axis (4 sums of
   # 2), the sum over 4 maps; relative to the largest logit.
@@ -171,7 +171,7 @@ def test_cross_entropy_ignores_255():
   logits = rng.normal(size=(2, 4, 5, 5)).astype(np.float32)
   labels = rng.integers(0, 4, (2, 5, 5)).astype(np.uint8)
   labels[0, :2] = 255
-  got = float(dense_eval.masked_cross_entropy(jnp.asarray(logits), jnp.asarray(labels)))
+  got = float(dense_probe.masked_cross_entropy(jnp.asarray(logits), jnp.asarray(labels)))
   lp = logits - np.log(np.exp(logits).sum(1, keepdims=True))
   keep = labels != 255
   nll = -np.take_along_axis(lp, np.where(keep, labels, 0)[:, None].astype(int), 1)[:, 0]
@@ -194,7 +194,7 @@ def test_probe_on_one_hot_labels_is_perfect(digits):
                               sides=(8, 32))
   test.labels[:, :3] = 255  # ignored pixels play no part
   one_hot = lambda s: [np.eye(11, dtype=np.float32)[np.where(s.labels == 255, 0, s.labels)]]
-  result, preds = dense_eval.fit_and_score(one_hot(train), train.labels, one_hot(test), test, 11)
+  result, preds = dense_probe.fit_and_score(one_hot(train), train.labels, one_hot(test), test, 11)
   keep = test.labels != 255
   np.testing.assert_array_equal(preds[keep], test.labels[keep])
   for key in ('miou', 'pixel_acc', 'miou_small', 'miou_medium', 'miou_large'):
@@ -206,7 +206,7 @@ def test_probe_on_one_hot_labels_is_perfect(digits):
 
 def _palette_png(path, array):
   im = Image.fromarray(array.astype(np.uint8), mode='P')
-  im.putpalette(dense_eval.palette().reshape(-1).tolist())
+  im.putpalette(dense_probe.palette().reshape(-1).tolist())
   im.save(path)
 
 
@@ -243,7 +243,7 @@ def test_voc_reader(tmp_path):
   assert (data.train.size_bins[data.train.labels == 0] == sd.NO_OBJECT).all()
   # Ignored pixels are not scored: wrong predictions there change nothing.
   preds = np.where(data.test.labels == 255, 3, data.test.labels).astype(np.uint8)
-  result = dense_eval.score(data.test.labels, preds, data.test.size_bins, 21)
+  result = dense_probe.score(data.test.labels, preds, data.test.size_bins, 21)
   assert result['miou'] == 1.0 and result['pixel_acc'] == 1.0
 
 
@@ -321,7 +321,7 @@ def tiny_workdir(tmp_path_factory):
 @pytest.fixture
 def short_probe(monkeypatch):
   """The CLI tests check the wiring: 50 probe steps instead of the recipe's 500."""
-  monkeypatch.setattr(dense_eval, 'PROBE_STEPS', 50)
+  monkeypatch.setattr(dense_probe, 'PROBE_STEPS', 50)
 
 
 def _run_cli(argv):

@@ -13,7 +13,8 @@ running statistics), the same map `MCLNet.features(train=False)` returns as
   deterministic; it is meant for the small-scale sanity evaluation of the
   demo and ablations, not for ImageNet-scale linear evaluation protocols.
 
-Command line (prints random init vs trained):
+The frame (normalised forward, padded batches, random-init baseline, the
+table) is `mcl_jax.eval.core`'s. Command line (prints random init vs trained):
 
     python -m mcl_jax.evaluate --workdir runs/demo [--dataset digits] [--step N]
 """
@@ -25,10 +26,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from mcl_jax.pretext import losses
+from mcl_jax.eval import core
 from mcl_jax.nn import model as model_lib
+from mcl_jax.pretext import losses
 
 KNN_K = 20
 KNN_T = 0.07
@@ -46,27 +47,7 @@ def _pooled_c5(module, images):
 
 def backbone_variables(variables) -> dict[str, Any]:
   """The backbone share of {'params', 'batch_stats'}, with a clear error if absent."""
-  try:
-    return {c: {'backbone': variables[c]['backbone']} for c in ('params', 'batch_stats')}
-  except KeyError as e:
-    raise ValueError('evaluation needs variables with params/batch_stats of a '
-                     f"'backbone' subtree; missing {e}") from None
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _features(model, variables, images, mean, std):
-  """Pooled C5 of a uint8 batch, normalised on device."""
-  x = (images.astype(jnp.float32) / 255.0 - mean) / std
-  return model.apply(variables, x, method=_pooled_c5)
-
-
-def _batch_sharding(batch_size: int):
-  """(batch, replicated) shardings over the local devices, or (None, None)."""
-  devices = jax.local_devices()
-  if len(devices) < 2 or batch_size % len(devices):
-    return None, None
-  mesh = Mesh(np.asarray(devices), ('data',))
-  return NamedSharding(mesh, P('data')), NamedSharding(mesh, P())
+  return core.variable_subset(variables, ('backbone',), ValueError, 'evaluation')
 
 
 def extract_features(model, variables, images_uint8: np.ndarray, aug_cfg,
@@ -85,25 +66,14 @@ def extract_features(model, variables, images_uint8: np.ndarray, aug_cfg,
   Returns:
     float32 [N, C5 channels].
   """
-  mean = jnp.asarray(aug_cfg.mean, jnp.float32)
-  std = jnp.asarray(aug_cfg.std, jnp.float32)
   variables = backbone_variables(variables)
-  n = len(images_uint8)
-  batch_size = max(1, min(batch_size, n))
-  data_sharding, replicated = _batch_sharding(batch_size)
+  batch_size = max(1, min(batch_size, len(images_uint8)))
+  batch_sharding, replicated = core.data_sharding(batch_size)
   if replicated is not None:
     variables = jax.device_put(variables, replicated)
-  out = []
-  for start in range(0, n, batch_size):
-    batch = np.asarray(images_uint8[start:start + batch_size])
-    real = len(batch)
-    if real < batch_size:
-      pad = np.zeros((batch_size - real,) + batch.shape[1:], batch.dtype)
-      batch = np.concatenate([batch, pad])
-    if data_sharding is not None:
-      batch = jax.device_put(batch, data_sharding)
-    out.append(np.asarray(_features(model, variables, batch, mean, std))[:real])
-  return np.concatenate(out).astype(np.float32)
+  features = core.forward(model, _pooled_c5, (), aug_cfg)
+  return core.map_batches(lambda batch: features(variables, batch), [images_uint8],
+                          batch_size, batch_sharding).astype(np.float32)
 
 
 # ------------------------------------------------------------------------ kNN --
@@ -140,15 +110,8 @@ def knn_predict(train_f, train_y, test_f, k: int = KNN_K, t: float = KNN_T,
   memory = losses.l2_normalize(jnp.asarray(train_f))
   labels = jnp.asarray(train_y)
   queries = np.asarray(losses.l2_normalize(jnp.asarray(test_f)))
-  chunk = max(1, min(chunk, len(queries)))
-  preds = []
-  for start in range(0, len(queries), chunk):
-    q = queries[start:start + chunk]
-    real = len(q)
-    if real < chunk:
-      q = np.concatenate([q, np.zeros((chunk - real, q.shape[1]), q.dtype)])
-    preds.append(np.asarray(_knn_predict(q, memory, labels, k, t, num_classes))[:real])
-  return np.concatenate(preds).astype(np.int32)
+  vote = lambda q: _knn_predict(q, memory, labels, k, t, num_classes)
+  return core.map_batches(vote, [queries], chunk).astype(np.int32)
 
 
 def knn_top1(train_f, train_y, test_f, test_y, k: int = KNN_K, t: float = KNN_T,
@@ -206,25 +169,32 @@ def _holdout(x, y, fraction: float, seed: int = 0):
   return (x[perm[n_test:]], y[perm[n_test:]]), (x[perm[:n_test]], y[perm[:n_test]])
 
 
-def load_eval_data(data_cfg, max_train: int | None = None, max_test: int | None = None):
+def load_eval_data(data_cfg, max_train: int | None = None, max_test: int | None = None,
+                   source=None):
   """((train images, labels), (test images, labels)) of the configured source.
 
   The source names the two splits; one without a held-out split (an image
   folder without train / eval split subfolders) is split 80 / 20. Unlabelled
   images (label -1) are dropped.
+
+  Args:
+    data_cfg: `config.data`.
+    max_train, max_test: caps on the two splits.
+    source: the run's opened `DataSource` of `data_cfg` (default: opened here).
   """
-  from mcl_jax.data import input_pipeline  # pylint: disable=import-outside-toplevel
-  data = input_pipeline.open_source(data_cfg)
-  train_split, test_split = data.eval_splits()
-  if not data.has_heldout_split():
-    x, y = _labelled(*data.eval_arrays(train_split))
+  if source is None:
+    from mcl_jax.data import input_pipeline  # pylint: disable=import-outside-toplevel
+    source = input_pipeline.open_source(data_cfg)
+  train_split, test_split = source.eval_splits()
+  if not source.has_heldout_split():
+    x, y = _labelled(*source.eval_arrays(train_split))
     train, test = _holdout(x, y, FOLDER_HELDOUT_FRACTION)
     train, test = (train[0][:max_train], train[1][:max_train]), (test[0][:max_test], test[1][:max_test])
   else:
-    train = _labelled(*data.eval_arrays(train_split, max_train))
-    test = _labelled(*data.eval_arrays(test_split, max_test))
+    train = _labelled(*source.eval_arrays(train_split, max_train))
+    test = _labelled(*source.eval_arrays(test_split, max_test))
   if not len(train[1]) or not len(test[1]):
-    raise ValueError(f'data.source={data_cfg.source!r}: evaluation needs labelled images '
+    raise ValueError(f'source.source={data_cfg.source!r}: evaluation needs labelled images '
                      f'in both splits ({train_split!r}: {len(train[1])}, '
                      f'{test_split!r}: {len(test[1])})')
   return train, test
@@ -233,20 +203,10 @@ def load_eval_data(data_cfg, max_train: int | None = None, max_test: int | None 
 # ------------------------------------------------------------------- evaluate --
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _init_backbone(model, image_size: int, key):
-  x = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
-  return model.init(key, x, method=_pooled_c5)
-
-
 def random_variables(model, image_size: int, seed: int = 0):
-  """Randomly initialised backbone variables of `model` (the untrained baseline).
-
-  Same initialisers as training, drawn with the 'rbg' PRNG: its initialiser
-  compiles several times faster than threefry's on CPU, and the baseline only
-  needs to be a random draw, not the run's own starting point.
-  """
-  return _init_backbone(model, int(image_size), jax.random.key(seed, impl='rbg'))
+  """Randomly initialised backbone variables of `model` (the untrained baseline, see
+  `core.random_variables`)."""
+  return core.random_variables(model, _pooled_c5, (), image_size, seed)
 
 
 def probe(model, variables, data, aug_cfg, batch_size: int = 256, k: int = KNN_K,
@@ -262,7 +222,7 @@ def probe(model, variables, data, aug_cfg, batch_size: int = 256, k: int = KNN_K
 def evaluate_variables(config, variables, *, compare_random_init: bool = False, data=None,
                        batch_size: int = 256, k: int = KNN_K, t: float = KNN_T,
                        max_train: int | None = None, max_test: int | None = None,
-                       seed: int | None = None) -> dict[str, Any]:
+                       seed: int | None = None, source=None) -> dict[str, Any]:
   """kNN and linear-probe top-1 of pretrained variables (and of a random init).
 
   Args:
@@ -276,6 +236,7 @@ def evaluate_variables(config, variables, *, compare_random_init: bool = False, 
     batch_size, k, t: feature batch and kNN settings.
     max_train, max_test: caps on the loaded splits.
     seed: random-init seed (default config.seed).
+    source: the run's opened `DataSource` (default: `config.data` opened here).
 
   Returns:
     {'knn_top1', 'linear_top1', ['random_knn_top1', 'random_linear_top1'],
@@ -283,7 +244,7 @@ def evaluate_variables(config, variables, *, compare_random_init: bool = False, 
   """
   model = model_lib.create_model(config)
   if data is None:
-    data = load_eval_data(config.data, max_train, max_test)
+    data = load_eval_data(config.data, max_train, max_test, source)
   result = {'dataset': str(config.data.source), 'num_train': len(data[0][1]),
             'num_test': len(data[1][1]),
             'protocol': f'pooled C5; kNN k={k} T={t}; logistic regression'}
@@ -291,20 +252,15 @@ def evaluate_variables(config, variables, *, compare_random_init: bool = False, 
   if compare_random_init:
     init = random_variables(model, data[0][0].shape[1],
                             config.get('seed', 0) if seed is None else seed)
-    rand = probe(model, init, data, config.augment, batch_size, k, t)
-    result.update({f'random_{name}': v for name, v in rand.items()})
+    core.with_random_baseline(result, probe(model, init, data, config.augment, batch_size, k, t))
   return result
+
+
+SCORE_COLUMNS = (('knn_top1', 'kNN top-1'), ('linear_top1', 'linear top-1'))
 
 
 def format_table(result: dict[str, Any], trained_label: str = 'trained') -> str:
   """A small text table of `evaluate_variables`'s result."""
-  rows = []
-  if 'random_knn_top1' in result:
-    rows.append(('random init', result['random_knn_top1'], result['random_linear_top1']))
-  rows.append((trained_label, result['knn_top1'], result['linear_top1']))
-  width = max(12, *(len(r[0]) for r in rows))
-  lines = [f"{result.get('dataset', '?')}: {result.get('num_train', '?')} memory/train, "
-           f"{result.get('num_test', '?')} query/test images ({result.get('protocol', '')})",
-           f"{'model':<{width}}  {'kNN top-1':>9}  {'linear top-1':>12}"]
-  lines += [f'{name:<{width}}  {knn:>9.4f}  {lin:>12.4f}' for name, knn, lin in rows]
-  return '\n'.join(lines)
+  header = [f"{result.get('dataset', '?')}: {result.get('num_train', '?')} memory/train, "
+            f"{result.get('num_test', '?')} query/test images ({result.get('protocol', '')})"]
+  return core.comparison_table(header, SCORE_COLUMNS, result, trained_label)

@@ -23,13 +23,13 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from mcl_jax import cli, paths
+from mcl_jax import cli, errors, paths
 
 NORM_SUFFIXES = ('weight', 'bias', 'running_mean', 'running_var')
 _BLOCK_RE = re.compile(r'^layer(\d+)_(\d+)$')
 
 
-class ExportError(ValueError):
+class ExportError(errors.RunError, ValueError):
   """Variables that do not hold what the requested export needs."""
 
 

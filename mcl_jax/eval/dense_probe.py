@@ -28,8 +28,11 @@ Command line (prints a random init beside the checkpoint, writes a PNG):
 
 From Python (e.g. at the end of a run):
 
-    result = dense_eval.evaluate_variables(config, variables, compare_random_init=True)
-    print(dense_eval.format_table(result))
+    result = dense_probe.evaluate_variables(config, variables, compare_random_init=True)
+    print(dense_probe.format_table(result))
+
+The frame (normalised forward, padded batches, random-init baseline, the
+table) is `mcl_jax.eval.core`'s.
 """
 
 import functools
@@ -42,9 +45,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from mcl_jax import paths
-from mcl_jax.nn import model as model_lib
+from mcl_jax import errors, paths
 from mcl_jax.data import segmentation as seg_data
+from mcl_jax.eval import core
+from mcl_jax.nn import model as model_lib
 from mcl_jax.nn.model import MCLNet
 
 FEATURE_CHOICES = ('fpn', 'C2', 'C3', 'C4', 'C5', 'P2', 'P3', 'P4', 'P5')
@@ -59,7 +63,7 @@ PNG_SCENES = 6
 create_model = model_lib.create_model
 
 
-class DenseEvalError(ValueError):
+class DenseEvalError(errors.RunError, ValueError):
   """Variables or inputs the probe cannot use (one line: what and why)."""
 
 
@@ -76,11 +80,7 @@ def feature_names(features: str) -> tuple[str, ...]:
 def feature_variables(variables, names: Sequence[str]) -> dict[str, Any]:
   """The backbone (and FPN, for P maps) share of {'params', 'batch_stats'}."""
   parts = ('backbone', 'fpn') if any(n.startswith('P') for n in names) else ('backbone',)
-  try:
-    return {c: {p: variables[c][p] for p in parts} for c in ('params', 'batch_stats')}
-  except (KeyError, TypeError) as e:
-    raise DenseEvalError('the dense probe needs variables with params/batch_stats of '
-                         f"{' and '.join(repr(p) for p in parts)} subtrees; missing {e}") from None
+  return core.variable_subset(variables, parts, DenseEvalError, 'the dense probe')
 
 
 def _maps(module, images, names):
@@ -89,13 +89,6 @@ def _maps(module, images, names):
   else:
     feats = module.features(images, False)
   return tuple(feats[n].astype(jnp.float32) for n in names)
-
-
-@functools.partial(jax.jit, static_argnums=(0, 4))
-def _extract(model, variables, images, mean_std, names):
-  mean, std = mean_std
-  x = (images.astype(jnp.float32) / 255.0 - mean) / std
-  return model.apply(variables, x, names, method=_maps)
 
 
 def extract_maps(model, variables, images_uint8: np.ndarray, aug_cfg, names: Sequence[str],
@@ -115,36 +108,18 @@ def extract_maps(model, variables, images_uint8: np.ndarray, aug_cfg, names: Seq
   """
   names = tuple(names)
   variables = feature_variables(variables, names)
-  mean_std = (jnp.asarray(aug_cfg.mean, jnp.float32), jnp.asarray(aug_cfg.std, jnp.float32))
-  n = len(images_uint8)
-  batch_size = max(1, min(batch_size, n))
-  out = [[] for _ in names]
-  for start in range(0, n, batch_size):
-    batch = np.asarray(images_uint8[start:start + batch_size])
-    real = len(batch)
-    if real < batch_size:
-      batch = np.concatenate([batch, np.zeros((batch_size - real,) + batch.shape[1:],
-                                              batch.dtype)])
-    for i, m in enumerate(_extract(model, variables, batch, mean_std, names)):
-      out[i].append(np.asarray(m)[:real])
-  return [np.concatenate(o) for o in out]
-
-
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _init(model, image_size: int, key):
-  x = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
-  return model.init(key, x, False, method=MCLNet.features)
+  maps = core.forward(model, _maps, (names,), aug_cfg)
+  return list(core.map_batches(lambda batch: maps(variables, batch), [images_uint8],
+                               batch_size))
 
 
 def random_variables(model, image_size: int = 32, seed: int = 0):
-  """A random init of the backbone + FPN (the untrained baseline).
+  """A random init of the backbone + FPN (the untrained baseline, `core.random_variables`).
 
-  Same initialisers as training, drawn with the 'rbg' PRNG (as
-  `evaluate.random_variables`: its initialiser compiles faster on CPU). The
-  parameters do not depend on the image size, so one traced size (32 px)
+  The parameters do not depend on the image size, so one traced size (32 px)
   serves every dataset and compiles once.
   """
-  return _init(model, int(image_size), jax.random.key(seed, impl='rbg'))
+  return core.random_variables(model, MCLNet.features, (False,), image_size, seed)
 
 
 # ---------------------------------------------------------------------- probe --
@@ -259,18 +234,8 @@ def _predict(params, maps, out_size):
 def predict(params, maps: Sequence[np.ndarray], out_size: tuple[int, int],
             batch: int = 64) -> np.ndarray:
   """uint8 [N, H, W] class predictions (the last batch is padded: one compile)."""
-  n = len(maps[0])
-  batch = max(1, min(batch, n))
-  out = []
-  for start in range(0, n, batch):
-    chunk = [m[start:start + batch] for m in maps]
-    real = len(chunk[0])
-    if real < batch:
-      chunk = [np.concatenate([c, np.zeros((batch - real,) + c.shape[1:], c.dtype)])
-               for c in chunk]
-    out.append(np.asarray(_predict(params, [jnp.asarray(c) for c in chunk],
-                                   tuple(out_size)))[:real])
-  return np.concatenate(out)
+  classes = lambda *chunk: _predict(params, [jnp.asarray(c) for c in chunk], tuple(out_size))
+  return core.map_batches(classes, list(maps), batch)
 
 
 # -------------------------------------------------------------------- scoring --
@@ -421,7 +386,7 @@ def evaluate_variables(config, variables, *, compare_random_init: bool = False,
   if compare_random_init:
     init = random_variables(model, seed=config.get('seed', 0) if seed is None else seed)
     rand, rand_preds = probe_variables(config, init, data, features, model, True)
-    result.update({f'random_{k}': v for k, v in rand.items()})
+    core.with_random_baseline(result, rand)
   if png:
     write_png(png, data, preds, rand_preds)
     result['png'] = png
@@ -435,18 +400,11 @@ SCORE_COLUMNS = (('miou', 'mIoU'), ('pixel_acc', 'pixel acc'), ('miou_small', 'm
 
 def format_table(result: dict[str, Any], trained_label: str = 'trained') -> str:
   """A small text table of `evaluate_variables`'s result."""
-  rows = []
-  if 'random_miou' in result:
-    rows.append(('random init', [result[f'random_{k}'] for k, _ in SCORE_COLUMNS]))
-  rows.append((trained_label, [result[k] for k, _ in SCORE_COLUMNS]))
-  width = max(12, *(len(r[0]) for r in rows))
-  lines = [f"dense probe, {result.get('dataset', '?')}: {result.get('num_train', '?')} "
-           f"train / {result.get('num_test', '?')} test images, "
-           f"{result.get('features', '?')} features ({result.get('protocol', '')})",
-           f"object sizes {result.get('size_rule', '')}",
-           f"{'model':<{width}}  " + '  '.join(f'{h:>9}' for _, h in SCORE_COLUMNS)]
-  lines += [f'{name:<{width}}  ' + '  '.join(f'{v:>9.4f}' for v in vals) for name, vals in rows]
-  return '\n'.join(lines)
+  header = [f"dense probe, {result.get('dataset', '?')}: {result.get('num_train', '?')} "
+            f"train / {result.get('num_test', '?')} test images, "
+            f"{result.get('features', '?')} features ({result.get('protocol', '')})",
+            f"object sizes {result.get('size_rule', '')}"]
+  return core.comparison_table(header, SCORE_COLUMNS, result, trained_label)
 
 
 # ------------------------------------------------------------------------ PNG --
