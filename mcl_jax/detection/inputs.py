@@ -53,11 +53,20 @@ _WARNED = set()
 
 
 def resize_shape(h: int, w: int, short: int, max_long: int) -> tuple[int, int]:
-  """(new_h, new_w) of detectron2's ResizeShortestEdge."""
+  """(new_h, new_w) of detectron2's ResizeShortestEdge, in its arithmetic order.
+
+  The short side becomes `short` and the other side scales with it; if the
+  long side then passes `max_long`, both are scaled down so it equals
+  `max_long`. Each side is rounded half up last. (Scaling the already
+  scaled sides, as detectron2 does, rounds differently from one combined
+  scale in a few sizes per hundred thousand; this follows detectron2.)
+  """
   scale = short / min(h, w)
-  if max(h, w) * scale > max_long:
-    scale = max_long / max(h, w)
-  return int(h * scale + 0.5), int(w * scale + 0.5)
+  new_h, new_w = (short, scale * w) if h < w else (scale * h, short)
+  if max(new_h, new_w) > max_long:
+    scale = max_long / max(new_h, new_w)
+    new_h, new_w = new_h * scale, new_w * scale
+  return int(new_h + 0.5), int(new_w + 0.5)
 
 
 def check_canvas_sizes(canvas_sizes) -> tuple:
