@@ -88,34 +88,58 @@ def choose_canvas(hw, canvas_sizes) -> tuple[int, int]:
   return min(fits, key=lambda c: (c[0] * c[1], c[0]))
 
 
+# (long side / short side) buckets for COCO's images: 1:1, 4:3, 3:2 and 16:9.
+COCO_ASPECTS = (1.0, 4 / 3, 3 / 2, 16 / 9)
+
+
+def propose_canvases(short_sides, aspects=COCO_ASPECTS, max_long: int = 1333) -> tuple:
+  """Canvases for images of the given aspect ratios at the given short sides.
+
+  For each short side s and aspect a, the landscape canvas
+  (ceil32(s), ceil32(min(s a, max_long))) and its portrait transpose. An
+  image resized to a short side s' <= s whose aspect is at most a fits it, so
+  `choose_canvas` picks the tightest of these; benchmarks/detection_input.py
+  reports the padding each set costs on COCO-like image sizes.
+  """
+  def up(x):
+    return int(math.ceil(x / 32) * 32)
+  out = set()
+  for s in short_sides:
+    for a in aspects:
+      h, w = up(s), up(min(s * a, max_long))
+      out |= {(h, w), (w, h)}
+  return tuple(sorted(out))
+
+
 # ------------------------------------------------------------------ masks --
 
 
-def _sample_weights(lo: float, hi: float, m: int, n: int) -> tuple[int, np.ndarray]:
-  """(first pixel, [m, k] bilinear weights) of m bin centres of [lo, hi] on n pixels.
+def _sample_points(lo: float, hi: float, m: int, n: int):
+  """(left pixel, right pixel, right weight) of the m bin centres of [lo, hi] on n pixels.
 
-  Half-pixel centres (pixel i covers [i, i + 1]), positions clamped to the
-  edge pixels; the k columns are the pixels from the first one that any
-  bin reaches.
+  Half-pixel centres (pixel i covers [i, i + 1]); positions are clamped to
+  the edge pixels.
   """
   x = np.clip(lo + (np.arange(m) + 0.5) * (hi - lo) / m - 0.5, 0, n - 1)
-  x0 = np.floor(x).astype(int)
-  x1 = np.minimum(x0 + 1, n - 1)
-  start = int(x0.min())
-  w = np.zeros((m, int(x1.max()) - start + 1))
-  np.add.at(w, (np.arange(m), x0 - start), 1 - (x - x0))
-  np.add.at(w, (np.arange(m), x1 - start), x - x0)
-  return start, w
+  x0 = np.floor(x).astype(np.intp)
+  return x0, np.minimum(x0 + 1, n - 1), x - x0
 
 
 def crop_and_resize(mask: np.ndarray, box, m: int) -> np.ndarray:
-  """float [m, m]: `mask` sampled bilinearly at the bin centres of `box` (x1, y1, x2, y2)."""
+  """float [m, m]: `mask` sampled bilinearly at the bin centres of `box` (x1, y1, x2, y2).
+
+  Four gathers of m x m pixels (no matrix products: BLAS threads would fight
+  the loader's threads for the cores).
+  """
   h, w = mask.shape
   x1, y1, x2, y2 = (float(v) for v in box)
-  r0, wy = _sample_weights(y1, y2, m, h)
-  c0, wx = _sample_weights(x1, x2, m, w)
-  crop = mask[r0:r0 + wy.shape[1], c0:c0 + wx.shape[1]].astype(np.float64)
-  return wy @ crop @ wx.T
+  ya, yb, fy = _sample_points(y1, y2, m, h)
+  xa, xb, fx = _sample_points(x1, x2, m, w)
+  top, bottom = mask[ya].astype(np.float64), mask[yb].astype(np.float64)
+  fx = fx[None, :]
+  rows_a = top[:, xa] * (1 - fx) + top[:, xb] * fx
+  rows_b = bottom[:, xa] * (1 - fx) + bottom[:, xb] * fx
+  return rows_a * (1 - fy[:, None]) + rows_b * fy[:, None]
 
 
 def box_local_mask(mask: np.ndarray, box, m: int, flip: bool) -> np.ndarray:
