@@ -21,11 +21,12 @@ Two parts:
   each, M = 112) written to a temporary COCO-layout folder.
 
 Usage:
-  python -m benchmarks.detection_input --padding [--annotations FILE]
+  python -m benchmarks.detection_input --padding [--annotations FILE] [--canvases "((H, W), ...)"]
   python -m benchmarks.detection_input --rate [--seconds 3]
 """
 
 import argparse
+import ast
 import json
 import os
 import tempfile
@@ -73,7 +74,7 @@ def sizes_from(path):
   return sizes, np.array([counts[s] for s in sizes], np.float64) / len(images)
 
 
-def padding_report(annotations=None):
+def padding_report(annotations=None, extra=None):
   if annotations:
     sizes, weights = sizes_from(annotations)
     source = f'{annotations}: {len(sizes)} distinct sizes'
@@ -86,6 +87,8 @@ def padding_report(annotations=None):
   sets = {'square 1344': ((1344, 1344),)}
   for shorts in ((800,), (704, 800), (672, 736, 800), TRAIN_SHORT):
     sets[f'propose_canvases{shorts}'] = inputs.propose_canvases(shorts)
+  if extra:
+    sets['--canvases'] = inputs.check_canvas_sizes(extra)
   print(f'{"canvas set":<45} {"canvases":>8} {"train":>7} {"test":>7}')
   for name, canvases in sets.items():
     tr = waste(sizes, weights, canvases, TRAIN_SHORT)
@@ -181,13 +184,16 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n', 1)[0])
   parser.add_argument('--padding', action='store_true')
   parser.add_argument('--annotations', default=None, help='an instances_*.json for --padding')
+  parser.add_argument('--canvases', default=None,
+                      help='one more canvas set for --padding, e.g. "((800, 1344), (1344, 800))"')
   parser.add_argument('--rate', action='store_true')
   parser.add_argument('--seconds', type=float, default=3.0)
   args = parser.parse_args()
   if not (args.padding or args.rate):
     parser.error('give --padding and/or --rate')
   if args.padding:
-    padding_report(args.annotations)
+    extra = ast.literal_eval(args.canvases) if args.canvases else None
+    padding_report(args.annotations, extra)
   if args.rate:
     rate_report(args.seconds)
 
