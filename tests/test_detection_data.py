@@ -430,3 +430,20 @@ def test_canvas_errors_name_the_config_field():
   with pytest.raises(UsageError, match='multiple of 32'):
     inputs.check_canvas_sizes(((64, 70),))
   assert inputs.choose_canvas((60, 90), ((128, 128), (64, 96), (96, 96))) == (64, 96)
+
+
+def test_scenes_and_split_on_gcs(gs_bucket, root):
+  tiny = scenes.scene_config(**{**SCENES.to_dict(), 'num_train': 3, 'num_val': 2})
+  folder = scenes.ensure_scenes(tiny, f'{gs_bucket}/data')
+  assert folder.startswith('gs://') and scenes.ensure_scenes(tiny, f'{gs_bucket}/data') == folder
+  split = coco_lib.load_split(folder, 'train2017')
+  assert len(split.image_ids) == 3
+  # The same settings' first scene, written locally, has the same pixels.
+  local = scenes.ensure_scenes(tiny, os.path.dirname(root))
+  np.testing.assert_array_equal(split.load_image(1),
+                                coco_lib.load_split(local, 'train2017').load_image(1))
+  b = next(inputs.train_batches(split, data_config(), 0, 1, 2, seed=0, workers=1))
+  assert b['images'].shape[0] == 2 and b['gt_valid'].any()
+  from mcl_jax import paths  # pylint: disable=import-outside-toplevel
+  paths.remove(f'{folder}/val2017/000000000002.png')
+  _expect_error(lambda: coco_lib.load_split(folder, 'val2017'), '000000000002.png')
