@@ -250,8 +250,8 @@ def test_box_local_masks_match_reference():
     np.testing.assert_array_equal(flipped[sure], (mirrored >= 0.5)[sure])
 
 
-def _pasted_iou(ex, k):
-  """IoU of gt k's box-local mask pasted in the canvas with the resized full mask."""
+def _pasted(ex, k):
+  """Gt k's box-local mask pasted back into the canvas (bool [H, W])."""
   pasted = mask_targets.paste_masks(ex['gt_masks'][k][None].astype(np.float32),
                                     ex['gt_boxes'][k][None], ex['images'].shape[:2])[0]
   return pasted
@@ -271,11 +271,18 @@ def test_flip_moves_boxes_and_masks_together(train):
   np.testing.assert_allclose(fb[:, [0, 2]], w - pb[:, [2, 0]], rtol=0, atol=1e-4)
   np.testing.assert_array_equal(fb[:, [1, 3]], pb[:, [1, 3]])
   np.testing.assert_array_equal(flip['gt_masks'][v], plain['gt_masks'][v][:, :, ::-1])
-  # The box-local mask, pasted into the canvas, covers the bright ink of its digit.
-  for ex in (plain, flip):
+  # The box-local mask, pasted into the canvas, is the instance's full mask
+  # resized (nearest) and flipped like the image, and covers its bright ink.
+  anns = train.training_annotations(image_id)
+  for ex, flipped in ((plain, False), (flip, True)):
     gray = ex['images'].astype(np.float64).mean(-1)
     for k in np.flatnonzero(ex['gt_valid']):
-      pasted = _pasted_iou(ex, k)
+      pasted = _pasted(ex, k)
+      full = Image.fromarray(train.ann_mask(anns[k]) * 255).resize((w, h), Image.NEAREST)
+      full = np.asarray(full)[:, ::-1] if flipped else np.asarray(full)
+      want = np.zeros_like(pasted)
+      want[:h, :w] = full > 0
+      assert (pasted & want).sum() / (pasted | want).sum() > 0.6
       x1, y1, x2, y2 = ex['gt_boxes'][k]
       box = np.zeros_like(pasted)
       box[int(y1):int(np.ceil(y2)), int(x1):int(np.ceil(x2))] = True
@@ -314,7 +321,8 @@ def test_too_many_instances_keep_the_largest(train):
   assert len(anns) > 2
   ex = inputs.prepare_example(train, image_id, 64, False, (64, 64), cfg.data)
   areas = sorted((a['bbox'][2] * a['bbox'][3] for a in anns), reverse=True)[:2]
-  got = (ex['gt_boxes'][:, 2] - ex['gt_boxes'][:, 0]) * (ex['gt_boxes'][:, 3] - ex['gt_boxes'][:, 1])
+  b = ex['gt_boxes']
+  got = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
   assert ex['gt_valid'].all() and sorted(got, reverse=True) == pytest.approx(areas)
 
 
