@@ -19,6 +19,7 @@ is one `DetectionDataError` line naming the file.
 
 import contextlib
 import dataclasses
+import functools
 import io
 import json
 
@@ -63,7 +64,7 @@ class CocoSplit:
   def num_classes(self) -> int:
     return len(self.category_ids)
 
-  @property
+  @functools.cached_property
   def contiguous_of(self) -> dict:
     """COCO category id -> contiguous class index."""
     return {c: k for k, c in enumerate(self.category_ids)}
