@@ -24,6 +24,8 @@ from mcl_jax.detection import nms as nms_ops
 from tests import tolerance
 
 F32 = np.float32
+# One program per shape instead of one per operation (eager dispatch compiles each).
+mask_targets_jit = jax.jit(mt.mask_targets, static_argnames=('size', 'sampling_ratio'))
 
 
 def random_boxes(rng, n, extent=400.0, min_size=1.0, max_size=200.0):
@@ -328,7 +330,9 @@ def _check_nms(fn, boxes, scores, idxs, valid, thr, max_output):
 def test_nms_matches_greedy_reference():
   rng = np.random.default_rng(7)
   n, thr = 200, 0.5
-  fns = {m: jax.jit(lambda b, s, i, v, m=m: nms_ops.nms(b, s, v, thr, m)) for m in (200, 15)}
+  # One tile (the default for N=200), and tiles of 16 and 7 (padding N to a multiple).
+  fns = {(m, t): jax.jit(lambda b, s, i, v, m=m, t=t: nms_ops.nms(b, s, v, thr, m, tile=t))
+         for m, t in [(200, 256), (15, 256), (200, 16), (15, 7)]}
   cases = mismatches = kept = 0
   for seed in range(40):
     boxes = clustered_boxes(rng, n, clusters=rng.integers(3, 20))
@@ -336,7 +340,7 @@ def test_nms_matches_greedy_reference():
     if seed % 2:
       scores = np.round(scores * 8).astype(F32) / 8  # many exact ties
     valid = rng.random(n) < 0.9
-    for m, fn in fns.items():
+    for (m, _), fn in fns.items():
       same, k = _check_nms(fn, boxes, scores, np.zeros(n, int), valid, thr, m)
       cases, mismatches, kept = cases + 1, mismatches + (not same), kept + k
   print(f'NMS: {cases} cases, {mismatches} mismatches, {kept} boxes kept in all')
@@ -364,7 +368,7 @@ def test_nms_ties_invalid_empty_and_large():
 def test_batched_nms_never_suppresses_across_ids():
   rng = np.random.default_rng(9)
   n, thr = 150, 0.5
-  fn = jax.jit(lambda b, s, i, v: nms_ops.batched_nms(b, s, i, v, thr, 150))
+  fn = jax.jit(lambda b, s, i, v: nms_ops.batched_nms(b, s, i, v, thr, 150, tile=32))
   for _ in range(10):
     boxes = clustered_boxes(rng, n, 6)
     scores = rng.random(n).astype(F32)
@@ -418,17 +422,17 @@ def np_roi_align(img, box, out, ratio_y, ratio_x):
     bins = (hi - lo) / out
     c = lo + (np.arange(out)[:, None] + (np.arange(ratio)[None, :] + 0.5) / ratio) * bins
     c = c.reshape(-1)
+    on_map = (c >= -1) & (c <= length)  # torchvision: samples beyond one pixel read 0
+    c = np.maximum(c, 0.0)
+    lo_i = np.floor(c).astype(int)
+    edge = lo_i >= length - 1  # at the last pixel: all weight on it
+    frac = np.where(edge, 0.0, c - lo_i)
+    lo_i = np.minimum(lo_i, length - 1)
+    hi_i = np.minimum(lo_i + 1, length - 1)
     wts = np.zeros((c.size, length))
-    for k, v in enumerate(c):
-      if v < -1 or v > length:
-        continue
-      v = max(v, 0.0)
-      lo_i = int(np.floor(v))
-      if lo_i >= length - 1:
-        wts[k, length - 1] = 1.0
-        continue
-      wts[k, lo_i] += 1 - (v - lo_i)
-      wts[k, lo_i + 1] += v - lo_i
+    rows = np.arange(c.size)
+    np.add.at(wts, (rows, lo_i), np.where(on_map, 1 - frac, 0))
+    np.add.at(wts, (rows, hi_i), np.where(on_map, frac, 0))
     return wts
 
   wy, wx = weights(y1, y2, ratio_y, h), weights(x1, x2, ratio_x, w)
@@ -491,7 +495,7 @@ def test_mask_targets_box_local_reference_and_full_resolution():
   report = {}
   for m in (32, 56, 112):
     fulls, gt_boxes, local, props, matched = _mask_case(rng, m)
-    got = np.asarray(mt.mask_targets(jnp.asarray(local), jnp.asarray(gt_boxes), jnp.asarray(props),
+    got = np.asarray(mask_targets_jit(jnp.asarray(local), jnp.asarray(gt_boxes), jnp.asarray(props),
                                      jnp.asarray(matched, jnp.int32), size=size))
     assert got.shape == (len(props), size, size) and got.dtype == np.float32
     assert set(np.unique(got)) <= {0.0, 1.0}
@@ -533,7 +537,7 @@ def test_mask_targets_outside_gt_box_is_background():
   # A full mask: the target is 1 exactly over the gt box's part of the proposal.
   gt = np.array([[20, 20, 60, 60]], F32)
   props = np.array([[0, 0, 80, 80], [20, 20, 60, 60], [70, 70, 90, 90]], F32)
-  got = np.asarray(mt.mask_targets(jnp.ones((1, 32, 32), jnp.uint8), jnp.asarray(gt),
+  got = np.asarray(mask_targets_jit(jnp.ones((1, 32, 32), jnp.uint8), jnp.asarray(gt),
                                    jnp.asarray(props), jnp.zeros(3, jnp.int32), size=8))
   inside = np.zeros((8, 8))
   inside[2:6, 2:6] = 1  # bins of 10 px: the box covers bins 2..5
