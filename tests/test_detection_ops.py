@@ -146,18 +146,18 @@ def test_assign_levels_matches_definition():
   xy = rng.uniform(0, 100, (3000, 2))
   boxes = np.concatenate([xy, xy + sides], 1).astype(F32)
   exact = np.array([[0, 0, 224, 224], [0, 0, 112, 112], [0, 0, 448, 448], [0, 0, 56, 56],
-                    [0, 0, 2000, 2000], [0, 0, 1, 1]], F32)
+                    [0, 0, 2000, 2000], [0, 0, 1, 1], [5, 5, 2, 2]], F32)
   boxes = np.concatenate([boxes, exact])
   got = np.asarray(box_ops.assign_levels(jnp.asarray(boxes)))
   b = boxes.astype(np.float64)
-  raw = 4 + np.log2(np.sqrt((b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])) / 224 + 1e-8)
+  raw = 4 + np.log2(np.sqrt(np.maximum((b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]), 0)) / 224 + 1e-8)
   want = np.clip(np.floor(raw), 2, 5) - 2
   # Within float32 rounding of a level boundary either side is right.
   ambiguous = np.abs(raw - np.round(raw)) < tolerance.tol(F32, 8 + tolerance.TRANSCENDENTAL,
                                                           scale=8, worst_case=True)
   ambiguous[-len(exact):] = False  # the canonical sizes are exact in float32 too
   assert np.all((got == want) | ambiguous), np.flatnonzero(got != want)
-  assert list(got[-len(exact):]) == [2, 1, 3, 0, 3, 0]
+  assert list(got[-len(exact):]) == [2, 1, 3, 0, 3, 0, 0]
   assert got.dtype == np.int32 and set(np.unique(got)) == {0, 1, 2, 3}
 
 
@@ -229,7 +229,7 @@ def np_match(iou, valid, thresholds, labels, low_quality):
 def test_match_matches_reference(thresholds, labels, low_quality):
   rng = np.random.default_rng(4)
   fn = jax.jit(lambda iou, v: matching.match(iou, v, thresholds, labels, low_quality))
-  cases = 0
+  no_gt = 0
   for seed in range(30):
     g, n = 6, 80
     # IoUs on a grid of tenths: ties between gts, ties for each gt's best, values on the thresholds.
@@ -245,15 +245,14 @@ def test_match_matches_reference(thresholds, labels, low_quality):
     got_m, got_l = (np.asarray(x) for x in fn(jnp.asarray(iou), jnp.asarray(valid)))
     want_m, want_l = np_match(iou, valid, thresholds, labels, low_quality)
     np.testing.assert_array_equal(got_l, want_l)
-    fg = want_l != 0 if valid.any() else np.zeros(n, bool)
-    np.testing.assert_array_equal(got_m[fg | (want_l == -1)], want_m[fg | (want_l == -1)])
     np.testing.assert_array_equal(got_m, want_m)
     assert got_m.dtype == np.int32 and got_l.dtype == np.int32
-    assert valid.any() or np.all(got_l == labels[0])
     if valid.any():
       assert np.all(valid[got_m])  # padding never matches
-    cases += 1
-  assert cases == 30
+    else:
+      assert np.all(got_l == labels[0])
+      no_gt += 1
+  assert no_gt > 0
 
 
 def test_match_on_boxes_and_empty_gt():
@@ -508,6 +507,8 @@ def test_mask_targets_box_local_reference_and_full_resolution():
     differ = got != (ref >= 0.5)
     assert np.all(near[differ]), (m, int(differ.sum()))
     assert differ.sum() <= 3, (m, int(differ.sum()))
+    print(f'M={m}: {int(differ.sum())} of {differ.size} target pixels differ from the NumPy '
+          f'box-local reference (allowed only within rounding of 0.5)')
 
     # Against the exact target: the full-resolution mask sampled in the proposal.
     exact = np.stack([crop_and_resize(fulls[j], p, size) >= 0.5 for p, j in zip(props, matched)])
@@ -530,19 +531,22 @@ def test_mask_targets_box_local_reference_and_full_resolution():
       assert np.all(dist[cy, cx] <= band), (m, k, dist[cy, cx].max(), band)
   print('mask targets, fraction of pixels differing from the full-resolution target: '
         + ', '.join(f'M={m}: {f:.4f}' for m, f in report.items()))
+  # The band above bounds each proposal's disagreement; overall it is a thin
+  # boundary strip of instances tens of pixels across: a few percent at most.
   assert report[112] <= 0.03 and report[32] <= 0.08
 
 
 def test_mask_targets_outside_gt_box_is_background():
   # A full mask: the target is 1 exactly over the gt box's part of the proposal.
-  gt = np.array([[20, 20, 60, 60]], F32)
-  props = np.array([[0, 0, 80, 80], [20, 20, 60, 60], [70, 70, 90, 90]], F32)
-  got = np.asarray(mask_targets_jit(jnp.ones((1, 32, 32), jnp.uint8), jnp.asarray(gt),
-                                   jnp.asarray(props), jnp.zeros(3, jnp.int32), size=8))
+  # A padding gt row (a zero box) gives a finite, empty target.
+  gt = np.array([[20, 20, 60, 60], [0, 0, 0, 0]], F32)
+  props = np.array([[0, 0, 80, 80], [20, 20, 60, 60], [70, 70, 90, 90], [10, 10, 30, 30]], F32)
+  got = np.asarray(mask_targets_jit(jnp.ones((2, 32, 32), jnp.uint8), jnp.asarray(gt),
+                                   jnp.asarray(props), jnp.array([0, 0, 0, 1], jnp.int32), size=8))
   inside = np.zeros((8, 8))
   inside[2:6, 2:6] = 1  # bins of 10 px: the box covers bins 2..5
   np.testing.assert_array_equal(got[0], inside)
-  assert np.all(got[1] == 1) and np.all(got[2] == 0)
+  assert np.all(got[1] == 1) and np.all(got[2] == 0) and np.all(got[3] == 0)
 
 
 # ----------------------------------------------------------------------------- paste_masks
@@ -584,6 +588,7 @@ def test_paste_masks_matches_grid_sample_reference():
     differ = got[k] != (ref >= 0.5)
     assert np.all(near[differ]), k
     differ_total += differ.sum()
+  print(f'paste_masks: {differ_total} pixels differ from the grid_sample reference')
   assert differ_total <= 3
   with pytest.raises(ValueError, match='must be > 0'):
     mt.paste_masks(probs, boxes, (h, w), threshold=0.0)

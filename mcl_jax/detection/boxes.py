@@ -127,6 +127,6 @@ def assign_levels(boxes, min_level: int = 2, max_level: int = 5, canonical_size:
     int32 [...]: the level minus `min_level`, i.e. the index into the list of
     pooled feature maps (as detectron2 returns it).
   """
-  size = jnp.sqrt(area(boxes))
+  size = jnp.sqrt(jnp.maximum(area(boxes), 0.0))  # an inverted box goes to the lowest level
   level = jnp.floor(canonical_level + jnp.log2(size / canonical_size + 1e-8))
   return (jnp.clip(level, min_level, max_level) - min_level).astype(jnp.int32)
