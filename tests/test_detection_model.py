@@ -216,6 +216,15 @@ def test_pooler_level_selection_vs_numpy_loop():
   # Same samples and weights; the four-corner sum and the bin mean may round differently.
   tolerance.assert_close(got, want, tolerance.tol(np.float32, [4, sr * sr], 1.0, sides=2),
                          what='pooled boxes at their levels')
+  # `pool`, per image: image i's boxes read image i's maps.
+  order = np.argsort(idx, kind='stable')
+  per_image = np.bincount(idx, minlength=n)
+  keep = np.concatenate([order[idx[order] == i][:per_image.min()] for i in range(n)])
+  pooled = roi_heads.pool([jnp.asarray(f) for f in feats],
+                          jnp.asarray(boxes[keep].reshape(n, -1, 4)), 7, sr)
+  tolerance.assert_close(pooled, want[keep],
+                         tolerance.tol(np.float32, [4, sr * sr], 1.0, sides=2),
+                         what='pool() per image')
 
 
 # ----------------------------------------------------------------- pretrained --
@@ -453,3 +462,100 @@ def test_export_heads_vs_torch(detector, tmp_path):
   chain = [9 * c, c * 4] * 4 + [c, c]
   tolerance.assert_close(got, want, tolerance.tol(np.float32, chain, np.abs(want).max(), sides=2),
                          what='mask head (transposed conv) vs torch')
+
+
+def np_iou(a, b):
+  lt = np.maximum(a[:, None, :2], b[None, :, :2])
+  rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
+  inter = np.prod(np.clip(rb - lt, 0, None), -1)
+  area = lambda x: (x[:, 2] - x[:, 0]) * (x[:, 3] - x[:, 1])
+  union = area(a)[:, None] + area(b)[None, :] - inter
+  return np.where(inter > 0, inter / np.where(inter > 0, union, 1), 0.0)
+
+
+def test_sample_rois_fixed_counts_and_labels():
+  settings = roi_heads.ROISettings(batch_size_per_image=32, positive_fraction=0.25)
+  rng = np.random.default_rng(6)
+  gt = random_boxes(rng, G, 20, 50)
+  gt_valid = np.array([True, True, True, False])
+  gt_classes = np.array([2, 0, 1, -1], np.int32)
+  # Proposals: jittered copies of the gt (many foreground) and random boxes.
+  near = np.repeat(gt[:3], 6, 0) + rng.normal(0, 3, (18, 4)).astype(np.float32)
+  proposals = np.concatenate([near, random_boxes(rng, 22)])
+  valid = rng.random(40) < 0.9
+  s = jax.jit(lambda *a: roi_heads.sample_rois(*a, settings, K))(
+      proposals, valid, gt, gt_classes, gt_valid, jax.random.key(0))
+  s = jax.tree.map(np.asarray, s)
+  cand = np.concatenate([proposals, gt])
+  cand_valid = np.concatenate([valid, gt_valid])
+  iou = np_iou(gt[gt_valid], cand)
+  best = iou.max(0)
+  n_pos = int(np.sum(cand_valid & (best >= 0.5)))
+  n_neg = int(np.sum(cand_valid & (best < 0.5)))
+  want_fg = min(n_pos, settings.mask_rois)
+  assert n_pos > settings.mask_rois  # the cap is exercised
+  assert s['fg'].sum() == want_fg and s['fg'][:want_fg].all()  # foreground first
+  assert s['valid'].sum() == min(32, want_fg + n_neg) and not s['valid'][s['valid'].sum():].any()
+  rois_iou = np_iou(gt[gt_valid], s['rois'])
+  np.testing.assert_array_equal(s['fg'][s['valid']], rois_iou.max(0)[s['valid']] >= 0.5)
+  fg = s['fg']
+  np.testing.assert_array_equal(s['classes'][fg], gt_classes[gt_valid][rois_iou.argmax(0)][fg])
+  assert np.all(s['classes'][s['valid'] & ~fg] == K)
+
+
+def np_nms(boxes, scores, threshold):
+  keep = []
+  for i in np.argsort(-scores, kind='stable'):
+    if all(np_iou(boxes[i:i + 1], boxes[j:j + 1])[0, 0] <= threshold for j in keep):
+      keep.append(i)
+  return keep
+
+
+def test_detect_vs_numpy():
+  settings = roi_heads.ROISettings(score_thresh=0.2, nms_thresh=0.5, detections_per_image=12)
+  rng = np.random.default_rng(7)
+  r, hw = 30, (70, 90)
+  # Clusters of overlapping proposals, so that NMS suppresses.
+  proposals = (np.repeat(random_boxes(rng, 5, 15, 40), 6, 0)
+               + rng.normal(0, 2, (r, 4))).astype(np.float32)
+  proposal_valid = rng.random(r) < 0.9
+  logits = rng.normal(0, 1.5, (r, K + 1)).astype(np.float32)
+  deltas = rng.normal(0, 0.5, (r, K, 4)).astype(np.float32)
+  got = jax.jit(lambda *a: roi_heads.detect(*a, settings))(
+      logits, deltas, proposals, proposal_valid, np.array(hw, np.int32))
+  boxes, scores, classes, valid = (np.asarray(x) for x in got)
+  # NumPy: softmax, decode with weights (10, 10, 5, 5) and the clamp, clip,
+  # threshold, greedy NMS per class, the best D.
+  p = np.exp(logits.astype(np.float64) - logits.max(1, keepdims=True))
+  p /= p.sum(1, keepdims=True)
+  px = proposals.astype(np.float64)
+  pw, ph = px[:, 2] - px[:, 0], px[:, 3] - px[:, 1]
+  cx, cy = px[:, 0] + 0.5 * pw, px[:, 1] + 0.5 * ph
+  d = deltas.astype(np.float64)
+  clamp = np.log(1000.0 / 16)
+  bx = d[..., 0] / 10 * pw[:, None] + cx[:, None]
+  by = d[..., 1] / 10 * ph[:, None] + cy[:, None]
+  bw = np.exp(np.minimum(d[..., 2] / 5, clamp)) * pw[:, None]
+  bh = np.exp(np.minimum(d[..., 3] / 5, clamp)) * ph[:, None]
+  dec = np.stack([np.clip(bx - bw / 2, 0, hw[1]), np.clip(by - bh / 2, 0, hw[0]),
+                  np.clip(bx + bw / 2, 0, hw[1]), np.clip(by + bh / 2, 0, hw[0])], -1)
+  kept, candidates = [], 0
+  for c in range(K):
+    rows = np.flatnonzero((p[:, c] > settings.score_thresh) & proposal_valid)
+    candidates += len(rows)
+    kept += [(p[i, c], i, c) for i in rows[np_nms(dec[rows, c], p[rows, c], 0.5)]]
+  suppressed = candidates - len(kept)
+  kept = sorted(kept, key=lambda x: -x[0])[:settings.detections_per_image]
+  print(f'{candidates} candidates, {suppressed} suppressed, {len(kept)} kept')
+  assert suppressed > 0 and len(kept) == settings.detections_per_image  # NMS and the cap act
+  assert valid.sum() == len(kept) and valid[:len(kept)].all()
+  want_scores = np.array([k[0] for k in kept])
+  want_boxes = np.stack([dec[i, c] for _, i, c in kept])
+  np.testing.assert_array_equal(classes[:len(kept)], [k[2] for k in kept])
+  tolerance.assert_close(scores[:len(kept)], want_scores,
+                         tolerance.tol(np.float32, [K + 1, 2 * tolerance.TRANSCENDENTAL], 1.0),
+                         what='detection scores')
+  tolerance.assert_close(boxes[:len(kept)], want_boxes,
+                         tolerance.tol(np.float32, 3 * tolerance.TRANSCENDENTAL + 4,
+                                       float(np.abs(want_boxes).max()), worst_case=True),
+                         what='detection boxes')

@@ -245,12 +245,18 @@ def multilevel_roi_align(feats: Sequence[jax.Array], boxes, box_indices, levels,
 
 
 def pool(feats: Sequence[jax.Array], boxes, output_size: int, sampling_ratio: int):
-  """Pools boxes [B, R, 4] (canvas pixels) at their levels: [B * R, k, k, C]."""
-  b, r = boxes.shape[:2]
-  flat = boxes.reshape(b * r, 4)
-  idx = jnp.repeat(jnp.arange(b, dtype=jnp.int32), r)
-  return multilevel_roi_align(feats, flat, idx, box_ops.assign_levels(flat), output_size,
-                              sampling_ratio)
+  """Pools boxes [B, R, 4] (canvas pixels) at their levels: [B * R, k, k, C].
+
+  Mapped over images, so each image's boxes gather from its own maps only
+  (a batched gather, which a batch-sharded program keeps on its shard).
+  """
+  def one_image(image_feats, image_boxes):
+    return multilevel_roi_align([f[None] for f in image_feats], image_boxes,
+                                jnp.zeros(image_boxes.shape[0], jnp.int32),
+                                box_ops.assign_levels(image_boxes), output_size, sampling_ratio)
+
+  out = jax.vmap(one_image)(list(feats), boxes)
+  return out.reshape(-1, *out.shape[2:])
 
 
 def sample_rois(proposals, proposal_valid, gt_boxes, gt_classes, gt_valid, key,
