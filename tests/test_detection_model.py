@@ -1,4 +1,4 @@
-"""Mask R-CNN model: train step, losses vs NumPy, the pooler, pretrained loading, export vs torch."""
+"""Mask R-CNN model: train step, losses vs NumPy, pooler, pretrained loading, export vs torch."""
 
 import os
 import pickle
@@ -209,8 +209,9 @@ def test_pooler_level_selection_vs_numpy_loop():
       7, sr))
   # The reference: every box pooled on every level by roi_align, then a loop
   # that takes each box's row from its own level.
-  per_level = [np.asarray(roi_align_lib.roi_align(
-      jnp.asarray(f), jnp.asarray(boxes), jnp.asarray(idx), 7, 2.0**-lvl, sr, True))
+  align = jax.jit(roi_align_lib.roi_align, static_argnums=(3, 4, 5, 6))
+  per_level = [np.asarray(align(jnp.asarray(f), jnp.asarray(boxes), jnp.asarray(idx), 7,
+                                2.0**-lvl, sr, True))
                for f, lvl in zip(feats, roi_heads.POOL_LEVELS)]
   want = np.stack([per_level[int(levels[i])][i] for i in range(r)])
   # Same samples and weights; the four-corner sum and the bin mean may round differently.
@@ -417,7 +418,8 @@ def test_export_heads_vs_torch(detector, tmp_path):
   rpn = 'proposal_generator.rpn_head'
   for f, lg, dl in zip(feats, logits, deltas):
     h = F.relu(F.conv2d(t(f), sd[f'{rpn}.conv.weight'], sd[f'{rpn}.conv.bias'], padding=1))
-    want_lg = F.conv2d(h, sd[f'{rpn}.objectness_logits.weight'], sd[f'{rpn}.objectness_logits.bias'])
+    want_lg = F.conv2d(h, sd[f'{rpn}.objectness_logits.weight'],
+                       sd[f'{rpn}.objectness_logits.bias'])
     want_dl = F.conv2d(h, sd[f'{rpn}.anchor_deltas.weight'], sd[f'{rpn}.anchor_deltas.bias'])
     n, _, hh, ww = want_dl.shape  # detectron2's reshapes of the head outputs
     want_lg = want_lg.permute(0, 2, 3, 1).reshape(n, -1).numpy()
@@ -559,3 +561,25 @@ def test_detect_vs_numpy():
                          tolerance.tol(np.float32, 3 * tolerance.TRANSCENDENTAL + 4,
                                        float(np.abs(want_boxes).max()), worst_case=True),
                          what='detection boxes')
+
+
+def test_deconv_layout_vs_torch_conv_transpose():
+  torch = pytest.importorskip('torch')
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(8)
+  cin, cout = 5, 7
+  x = rng.normal(0, 1, (2, 6, 5, cin)).astype(np.float32)
+  layer = nn.ConvTranspose(cout, (2, 2), strides=(2, 2), padding='VALID')
+  params = layer.init(jax.random.key(0), x)
+  kernel = rng.normal(0, 1, (2, 2, cin, cout)).astype(np.float32)  # asymmetric: a flip shows
+  bias = rng.normal(0, 1, cout).astype(np.float32)
+  got = layer.apply({'params': {'kernel': kernel, 'bias': bias}}, x)
+  assert params['params']['kernel'].shape == kernel.shape
+  ref = torch.nn.ConvTranspose2d(cin, cout, 2, stride=2)
+  with torch.no_grad():
+    ref.weight.copy_(torch.from_numpy(det_export.deconv_weight(kernel)))
+    ref.bias.copy_(torch.from_numpy(bias))
+    want = ref(torch.from_numpy(x.transpose(0, 3, 1, 2))).numpy().transpose(0, 2, 3, 1)
+  # Stride 2, kernel 2: each output is one input pixel's dot product over cin.
+  tolerance.assert_close(got, want, tolerance.tol(np.float32, [cin, 1], np.abs(want).max(),
+                                                  sides=2), what='ConvTranspose vs torch')

@@ -75,6 +75,10 @@ class ROISettings:
 class MaskedBatchNorm(nn.Module):
   """BatchNorm over the rows of x whose mask is set (names as `nn.BatchNorm`).
 
+  Plain autodiff (the heads' activations are small next to the backbone's);
+  momentum, eps and the biased running variance as `mcl_jax.nn.batch_norm`.
+  A batch without any valid row leaves the running averages unchanged.
+
   Attributes:
     use_running_average: eval mode.
     dtype: output dtype; statistics and normalisation run in float32.
