@@ -106,8 +106,13 @@ def validate(config, num_devices: int = 1, num_processes: int = 1, need_data: bo
            'must be >= 0 (0: evaluate at the end only)')
 
 
-def check_pretrained(source: str):
-  """Raises PretrainedError / CheckpointError (one line) for a source that cannot load."""
+def check_pretrained(source: str, config=None):
+  """Raises (one line) for a source that cannot load: before the workdir exists.
+
+  PretrainedError for no source or a missing file; CheckpointError for a
+  pretraining workdir without config.json or a checkpoint; with `config`,
+  PretrainedMismatchError for a pretraining of another backbone / FPN.
+  """
   if not source:
     raise PretrainedError("no pretrained source: pass --pretrained=WORKDIR (a main.py run), "
                           "'none', 'torchvision:PATH.pth' or 'detectron2:PATH.pkl'")
@@ -118,7 +123,10 @@ def check_pretrained(source: str):
     if not paths.exists(path):
       raise PretrainedError(f'--pretrained={source}: no such file')
     return
-  checkpointing.check_readable(source)
+  pre_config = checkpointing.check_readable(source)
+  if config is not None:
+    from mcl_jax.detection import pretrained  # pylint: disable=import-outside-toplevel
+    pretrained.check_matching(pre_config.model, config.model, source)
 
 
 def _get(config, dotted):
@@ -292,7 +300,7 @@ def finetune(config, workdir: str) -> dict:
   validate(config, jax.device_count(), jax.process_count())
   train, val = open_data(config, workdir)
   if not _has_checkpoint(workdir):
-    check_pretrained(config.pretrained)
+    check_pretrained(config.pretrained, config)
   created = checkpointing.check_workdir(workdir)
   try:
     check_compatible(workdir, config)
@@ -363,8 +371,7 @@ def _restore_or_init(run: _Run, manager):
   if state is None:
     logging.info('Initialising the detector from %s...', config.pretrained)
     variables, report = state_lib.initial_variables(config, config.pretrained)
-    if report:
-      logging.info('%s', report)
+    logging.info('%s', _describe_report(report))
     state, start = state_lib.create_train_state(variables, run.tx, run.mesh), 0
     checkpointing.save_config(workdir, config)
     logging.info('==> Starting a new run: %d steps of %d images, a checkpoint every %d '
@@ -380,6 +387,15 @@ def _restore_or_init(run: _Run, manager):
       logging.info('==> Resumed from the checkpoint of step %d. %d of %d steps to go.',
                    start, config.optim.num_steps - start, config.optim.num_steps)
   return state, start
+
+
+def _describe_report(report) -> str:
+  """One line of what the pretrained loader loaded."""
+  if isinstance(report, dict) and 'arrays' in report:
+    parts = ', '.join(f'{part} {n}' for part, n in report['arrays'].items())
+    return f'Loaded {report.get("kind", "")} {report.get("source", "")}: {parts} arrays'.replace(
+        '  ', ' ')
+  return str(report)
 
 
 def _check_finite(metrics: dict, step: int, last_checkpoint):
