@@ -204,7 +204,7 @@ def test_pooler_level_selection_vs_numpy_loop():
   want_levels = np.clip(np.floor(4 + np.log2(np.sqrt(area) / 224 + 1e-8)), 2, 5) - 2
   np.testing.assert_array_equal(levels, want_levels)
   assert set(levels.tolist()) == {0, 1, 2, 3}
-  got = np.asarray(roi_heads.multilevel_roi_align(
+  got = np.asarray(jax.jit(roi_heads.multilevel_roi_align, static_argnums=(4, 5))(
       [jnp.asarray(f) for f in feats], jnp.asarray(boxes), jnp.asarray(idx), jnp.asarray(levels),
       7, sr))
   # The reference: every box pooled on every level by roi_align, then a loop
@@ -221,8 +221,8 @@ def test_pooler_level_selection_vs_numpy_loop():
   order = np.argsort(idx, kind='stable')
   per_image = np.bincount(idx, minlength=n)
   keep = np.concatenate([order[idx[order] == i][:per_image.min()] for i in range(n)])
-  pooled = roi_heads.pool([jnp.asarray(f) for f in feats],
-                          jnp.asarray(boxes[keep].reshape(n, -1, 4)), 7, sr)
+  pooled = jax.jit(roi_heads.pool, static_argnums=(2, 3))(
+      [jnp.asarray(f) for f in feats], jnp.asarray(boxes[keep].reshape(n, -1, 4)), 7, sr)
   tolerance.assert_close(pooled, want[keep],
                          tolerance.tol(np.float32, [4, sr * sr], 1.0, sides=2),
                          what='pool() per image')

@@ -96,7 +96,16 @@ class MaskRCNN(nn.Module):
     return feats, logits, deltas, anchors
 
   def __call__(self, batch, train: bool = True):
-    """The five training losses (float32 scalars) of a batch (see the layer's batch dict)."""
+    """The five training losses of a batch.
+
+    Args:
+      batch: the batch dict (images, image_hw, gt_boxes, gt_classes,
+        gt_valid, gt_masks); needs the 'sampling' rng.
+      train: batch statistics in every BatchNorm (False: running averages).
+
+    Returns:
+      {loss_rpn_cls, loss_rpn_loc, loss_cls, loss_box_reg, loss_mask}, float32 scalars.
+    """
     images, image_hw = batch['images'], batch['image_hw']
     gt_boxes = batch['gt_boxes'].astype(jnp.float32)
     gt_classes, gt_valid = batch['gt_classes'], batch['gt_valid']
@@ -199,8 +208,12 @@ def create_detector(config) -> MaskRCNN:
 
 
 def init_variables(model: MaskRCNN, key, canvas_hw: Sequence[int]) -> dict:
-  """Initial {'params', 'batch_stats'}: detectron2's inits for the detection layers,
-  the pretraining's for the backbone, FPN and box-head convs."""
+  """Initial {'params', 'batch_stats'} (parameters do not depend on the canvas).
+
+  detectron2's initialisation for the RPN, fc1, the predictors and the mask
+  head; the pretraining's (Kaiming normal, fan_out) for the backbone, FPN and
+  box-head convs, which a pretrained source overwrites.
+  """
   images = jnp.zeros((1, *canvas_hw, 3), jnp.uint8)
   hw = jnp.asarray([canvas_hw], jnp.int32)
   variables = jax.jit(lambda k: model.init(k, images, hw, method=MaskRCNN.init_modules))(key)

@@ -16,7 +16,9 @@ MaskRCNNConvUpsampleHead, in static shapes:
 
 The pooler is ROIAlignV2 (aligned) with a static sampling ratio
 (`roi.sampling_ratio`, 2): detectron2's adaptive ratio (ceil of the bin
-size) makes the number of samples data-dependent.
+size) makes the number of samples data-dependent. A box's level is data too;
+`multilevel_roi_align` pools every box on its own level with one gather
+from the levels' maps concatenated (no box is pooled four times).
 """
 
 import dataclasses
