@@ -583,3 +583,35 @@ def test_deconv_layout_vs_torch_conv_transpose():
   # Stride 2, kernel 2: each output is one input pixel's dot product over cin.
   tolerance.assert_close(got, want, tolerance.tol(np.float32, [cin, 1], np.abs(want).max(),
                                                   sides=2), what='ConvTranspose vs torch')
+
+
+def test_masked_batch_norm_vs_numpy():
+  rng = np.random.default_rng(9)
+  x = rng.normal(2, 3, (10, 3, 3, 5)).astype(np.float32)
+  mask = rng.random(10) < 0.6
+  layer = roi_heads.MaskedBatchNorm()
+  v = layer.init(jax.random.key(0), x, mask)
+  scale = rng.uniform(0.5, 2, 5).astype(np.float32)
+  bias = rng.normal(0, 1, 5).astype(np.float32)
+  v = {'params': {'scale': scale, 'bias': bias}, 'batch_stats': v['batch_stats']}
+  apply = jax.jit(lambda v, x, m: layer.apply(v, x, m, mutable=['batch_stats']))
+  y, new = apply(v, x, mask)
+  rows = x[mask].astype(np.float64)
+  mean, var = rows.mean((0, 1, 2)), rows.var((0, 1, 2))
+  want = (x - mean) / np.sqrt(var + 1e-5) * scale + bias
+  n = int(mask.sum()) * 9
+  tolerance.assert_close(y, want, tolerance.tol(np.float32, [n, n, 8], np.abs(want).max()),
+                         what='masked BN output')
+  tolerance.assert_close(new['batch_stats']['mean'], 0.1 * mean,
+                         tolerance.tol(np.float32, n, np.abs(mean).max()), what='running mean')
+  tolerance.assert_close(new['batch_stats']['var'], 0.9 + 0.1 * var,
+                         tolerance.tol(np.float32, [n, n], var.max()), what='running var')
+  # No valid row: mean 0, variance 1, running averages unchanged.
+  y, new = apply(v, x, np.zeros(10, bool))
+  tolerance.assert_close(y, x / np.sqrt(1 + 1e-5) * scale + bias,
+                         tolerance.tol(np.float32, tolerance.TRANSCENDENTAL + 3,
+                                       np.abs(x * scale).max() + np.abs(bias).max(),
+                                       worst_case=True),
+                         what='masked BN without valid rows')
+  np.testing.assert_array_equal(new['batch_stats']['mean'], v['batch_stats']['mean'])
+  np.testing.assert_array_equal(new['batch_stats']['var'], v['batch_stats']['var'])

@@ -79,7 +79,8 @@ class MaskedBatchNorm(nn.Module):
 
   Plain autodiff (the heads' activations are small next to the backbone's);
   momentum, eps and the biased running variance as `mcl_jax.nn.batch_norm`.
-  A batch without any valid row leaves the running averages unchanged.
+  A batch without any valid row normalises with mean 0 and variance 1 and
+  leaves the running averages unchanged.
 
   Attributes:
     use_running_average: eval mode.
@@ -107,6 +108,9 @@ class MaskedBatchNorm(nn.Module):
       count = jnp.maximum(rows * (x[0].size // c), 1.0)
       mean = jnp.sum(xf * w, axes) / count
       var = jnp.sum(w * jnp.square(xf - mean), axes) / count
+      # No valid row anywhere (a background-only batch's mask head): unit
+      # variance keeps the ignored rows' activations at their scale.
+      var = jnp.where(rows > 0, var, 1.0)
       y = (xf - mean) * (jax.lax.rsqrt(var + BN_EPS) * scale) + bias
       if not self.is_initializing():
         # No valid row in the whole batch: the running averages stay.
