@@ -181,7 +181,7 @@ from tests import subprocess_runs as runs
 
 LEARN_STEPS = 60
 FIRST, LAST = 5, 10  # the loss means compared: the first FIRST and the last LAST steps
-RESUME_STEPS = 6
+RESUME_STEPS = 8
 # Box AP50 on the held-out scenes after LEARN_STEPS steps from a random init
 # must reach this (a random init scores 0.0).
 MIN_AP50 = 0.05  # measured: 0.128 (2 devices, a loaded 2-core CPU)
@@ -256,34 +256,63 @@ def test_detects_held_out_digits(learned):
   assert box['AP50'] >= MIN_AP50, box
 
 
-def test_resume_after_a_kill_equals_the_uninterrupted_run(tmp_path, learned):
-  """SIGKILL after a checkpoint, rerun: the same losses as the uninterrupted run's steps."""
+def _start(workdir, extra):
+  return subprocess.Popen(_command(workdir, *extra), cwd=runs.REPO, env=runs.env(2),
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_until(proc, done, what, timeout=600):
+  deadline = time.monotonic() + timeout
+  while not done():
+    assert proc.poll() is None, f'the run ended before {what}: {proc.stdout.read()[-3000:]}'
+    assert time.monotonic() < deadline, f'not {what} within {timeout} s'
+    time.sleep(0.01)
+
+
+def _checkpoints(workdir):
+  return runs.checkpoint_steps(workdir) if os.path.isdir(
+      os.path.join(workdir, 'checkpoints')) else []
+
+
+def test_stop_kill_and_resume_equal_the_uninterrupted_run(tmp_path, learned):
+  """SIGTERM (save, exit 0), rerun, SIGKILL after a newer checkpoint, rerun: the
+  losses of every step equal the uninterrupted run's (the same program on the
+  same restored state)."""
   want = learned['metrics']
   workdir = str(tmp_path / 'run')
   extra = (f'--config.optim.num_steps={RESUME_STEPS}', '--config.checkpoint_every=2',
            '--config.log_every=1')
-  proc = subprocess.Popen(_command(workdir, *extra), cwd=runs.REPO, env=runs.env(2),
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  proc = _start(workdir, extra)
   try:
-    deadline = time.monotonic() + 600
-    while not (runs.checkpoint_steps(workdir) if os.path.isdir(
-        os.path.join(workdir, 'checkpoints')) else []) or max(
-            runs.logged_steps(workdir) or [0]) < 3:
-      assert proc.poll() is None, 'the run ended before it could be killed'
-      assert time.monotonic() < deadline, 'no checkpoint within 600 s'
-      time.sleep(0.01)
+    _wait_until(proc, lambda: max(runs.logged_steps(workdir) or [0]) >= 2, 'step 2')
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=600)
+  finally:
+    proc.kill()
+  stopped = max(runs.logged_steps(workdir))
+  print(f'SIGTERM: stopped after step {stopped}; checkpoints {_checkpoints(workdir)}')
+  assert proc.returncode == 0 and f'Stopped after step {stopped}' in out, out[-3000:]
+  assert max(_checkpoints(workdir)) == stopped
+
+  proc = _start(workdir, extra)
+  try:
+    _wait_until(proc, lambda: max(_checkpoints(workdir)) > stopped and max(
+        runs.logged_steps(workdir)) > max(_checkpoints(workdir)), 'a newer checkpoint')
   finally:
     proc.send_signal(signal.SIGKILL)
-    proc.wait()
-  saved = runs.checkpoint_steps(workdir)
-  print(f'killed after step {max(runs.logged_steps(workdir))}; checkpoints {saved}')
+    out, _ = proc.communicate()
+  assert f'Resumed from the checkpoint of step {stopped}' in out, out[-3000:]
+  saved = max(_checkpoints(workdir))
+  print(f'SIGKILL after step {max(runs.logged_steps(workdir))}; checkpoints '
+        f'{_checkpoints(workdir)}')
+
   rc, out = _finetune(workdir, *extra)
   assert rc == 0, out[-3000:]
-  assert f'Resumed from the checkpoint of step {max(saved)}' in out, out[-3000:]
+  assert f'Resumed from the checkpoint of step {saved}' in out, out[-3000:]
   got = runs.metrics_by_step(workdir)
   steps = list(range(1, RESUME_STEPS + 1))
   assert sorted(got) == steps
-  runs.same_up_to_rounding(got, want, steps, LOSSES, 'resumed vs uninterrupted')
+  runs.same_up_to_rounding(got, want, steps, LOSSES, 'stopped, killed, resumed vs uninterrupted')
 
 
 # ------------------------------------------------------------------ bad input --
