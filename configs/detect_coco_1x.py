@@ -1,4 +1,4 @@
-"""Mask R-CNN R50-FPN, COCO 1x: the detection fine-tuning protocol.
+r"""Mask R-CNN R50-FPN, COCO 1x: the detection fine-tuning protocol.
 
 Run (one host, all its accelerators; multi-host: the same command on every
 host with --distributed):

@@ -1,4 +1,4 @@
-"""CPU demo: fine-tune the demo pretraining (runs/demo) as a Mask R-CNN on digit scenes.
+r"""CPU demo: fine-tune the demo pretraining (runs/demo) as a Mask R-CNN on digit scenes.
 
 Run (after `python main.py --config=configs/demo.py --workdir=runs/demo`):
 

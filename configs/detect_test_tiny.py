@@ -1,4 +1,4 @@
-"""A tiny fine-tuning config for tests (seconds per step on a CPU); not a model to evaluate.
+r"""A tiny fine-tuning config for tests (seconds per step on a CPU); not a model to evaluate.
 
 Run:  python -m mcl_jax.finetune --config=configs/detect_test_tiny.py --pretrained=none \
           --workdir=/tmp/detect_tiny

@@ -1,4 +1,4 @@
-"""Fine-tunes a Mask R-CNN on top of a pretrained backbone: python -m mcl_jax.finetune.
+r"""Fine-tunes a Mask R-CNN on top of a pretrained backbone: python -m mcl_jax.finetune.
 
     python -m mcl_jax.finetune --config=configs/detect_demo.py --pretrained=runs/demo \
         --workdir=runs/detect_demo

@@ -11,6 +11,7 @@ which prints the table and writes WORKDIR/coco_eval.json.
 """
 
 import json
+import logging as std_logging
 
 from absl import logging
 import jax
@@ -20,6 +21,20 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from mcl_jax import paths
 
 SCORES_FILE = 'coco_eval.json'
+
+
+class _LogFileOnly(std_logging.Filter):
+  """Marks INFO records as library output: the log file keeps them, the console leaves them out."""
+
+  def filter(self, record):
+    if record.levelno < std_logging.WARNING:
+      record.library = True  # read by mcl_jax.cli's console filter
+    return True
+
+
+# COCOeval's own printout (about 30 lines per evaluation, logged by
+# coco_eval.evaluate) belongs in train.log; the console shows the table.
+std_logging.getLogger('mcl_jax.detection.coco_eval').addFilter(_LogFileOnly())
 
 
 def local_mesh() -> jax.sharding.Mesh:

@@ -488,6 +488,7 @@ def _run(run: _Run, manager, stop: signals.StopSignal) -> dict:
     if pending is not None:
       last = _finish_step(*pending, console, config, last_saved)
   finally:
+    data.close()  # stops the decoding threads
     console.writer.close()
   manager.wait_until_finished()
   out = dict(last, stopped=stopped)
