@@ -352,6 +352,19 @@ def test_misspelt_config_field_gets_a_suggestion(tmp_path):
   assert not (tmp_path / 'w').exists()
 
 
+def test_preflight_prints_the_step_memory_and_refuses_a_small_budget(tmp_path):
+  """--preflight compiles without data or a workdir; a budget below its bytes: exit 1, one line."""
+  p = subprocess.run(_command(str(tmp_path / 'w'), '--preflight', '--preflight_devices=2',
+                              '--preflight_budget_gib=0.0001'),
+                     cwd=runs.REPO, env=runs.env(1), capture_output=True, text=True,
+                     timeout=600, check=False)
+  assert p.returncode == 1, p.stdout[-2000:] + p.stderr[-2000:]
+  assert 'Train step per device (64x64, batch 4, float32)' in p.stdout, p.stdout
+  errors_ = p.stderr.strip().splitlines()
+  assert len(errors_) == 1 and errors_[0].startswith('error: the train step needs'), p.stderr
+  assert not (tmp_path / 'w').exists()
+
+
 def test_canvas_not_a_multiple_of_32(tmp_path):
   line, status = _in_process(_tiny(**{'data.canvas_sizes': ((64, 80),)}), str(tmp_path / 'w'))
   assert status == 2 and line.startswith('config.data.canvas_sizes=((64, 80),): every side '
