@@ -15,7 +15,7 @@ from mcl_jax.detection import model as model_lib
 from mcl_jax.detection import pretrained
 from mcl_jax.detection import roi_heads
 from mcl_jax.detection import rpn as rpn_lib
-from mcl_jax.eval import export as export_lib
+from mcl_jax.eval import exporters as export_lib
 from mcl_jax.nn import roi_align as roi_align_lib
 from tests import tolerance
 

@@ -320,7 +320,7 @@ def _in_process(config, workdir):
   from mcl_jax.detection import train
   with pytest.raises(Exception) as e:
     train.finetune(config, workdir)
-  line, status = cli.describe(e.value)
+  line, status = cli.error_report(e.value)
   assert '\n' not in line
   return line, status
 

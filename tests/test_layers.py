@@ -33,6 +33,7 @@ _LAYERS = {
     'mcl_jax.dense_eval': 7,
     'mcl_jax.export': 7,
     'mcl_jax.visualize': 7,
+    'mcl_jax.finetune': 7,  # the detection command
     'main': 8,
     'benchmarks': 8,
     'scripts': 8,

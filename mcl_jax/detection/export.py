@@ -5,7 +5,7 @@ backbone.fpn_*, proposal_generator.rpn_head.*, roi_heads.*), so the file
 loads by exact name (`matching_heuristics` False): a fine-tuned detector is a
 whole model, and exact names leave no suffix matching to guess. The
 backbone, FPN and box-head convs reuse the pretraining exporter's mappings
-(`mcl_jax.eval.export`); the layouts:
+(`mcl_jax.eval.exporters`); the layouts:
 
 * conv kernels HWIO -> OIHW; Dense kernels [in, out] -> Linear [out, in];
 * fc1 reads the pooled 7 x 7 x C map flattened in (h, w, c) order here and
@@ -20,7 +20,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from mcl_jax.eval import export as export_lib
+from mcl_jax.eval import exporters as export_lib
 
 
 def _np(x) -> np.ndarray:

@@ -5,7 +5,7 @@ Sources (`config.pretrained`):
 * a pretraining workdir: the online network's backbone and FPN, and the
   region neck's convK / bnK (kernels, scale, bias, running statistics) as
   the box head's convK / bnK, exactly the arrays the detectron2 exporter
-  (`mcl_jax.eval.export.to_detectron2`) writes for the reference converter;
+  (`mcl_jax.eval.exporters.to_detectron2`) writes for the reference converter;
 * 'none': the initialisation as it is;
 * 'torchvision:PATH.pth': a torchvision ResNet state dict (backbone only;
   needs PyTorch);
@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mcl_jax import errors, paths
-from mcl_jax.eval import export as export_lib
+from mcl_jax.eval import exporters as export_lib
 
 # Pretraining config.model fields that decide the backbone's, FPN's and box head's shapes.
 MATCHING_FIELDS = ('depth', 'width', 'stage_sizes', 'block', 'fpn_channels')

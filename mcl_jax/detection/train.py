@@ -28,7 +28,7 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from mcl_jax import cli, config_validation, errors, paths
+from mcl_jax import append_log, cli, config_validation, errors, paths
 from mcl_jax.detection import evaluation, optim
 from mcl_jax.detection import state as state_lib
 from mcl_jax.training import checkpointing, logs, memory, signals
@@ -347,7 +347,7 @@ def _random_init_arm(config, workdir: str, pretrained_result: dict) -> dict:
 def _open_log_file(workdir: str):
   name = LOG_FILE if jax.process_index() == 0 else f'train.{jax.process_index()}.log'
   if jax.process_index() == 0:
-    paths.remove_leftover_parts(workdir)
+    append_log.remove_leftover_parts(workdir)
   cli.log_to_file(paths.join(workdir, name))
 
 
@@ -428,7 +428,7 @@ class _Console:
       eta = (self.num_steps - step) * self.global_batch / rate if rate > 0 else float('nan')
       logging.info('step %d/%d  loss %.4f [%s]  lr %.4g  %.1f img/s  ETA %s', step,
                    self.num_steps, metrics['loss'], parts, metrics['lr'], rate,
-                   logs._hms(eta))  # pylint: disable=protected-access
+                   logs.hms(eta))
 
 
 def _global_batch(local: dict, sharding) -> dict:

@@ -69,7 +69,7 @@ class MetricWriter:
       eta = (self.num_steps - step) * self.global_batch / rate if rate > 0 else float('nan')
       line = (f'step {step}/{self.num_steps}  loss {metrics["loss"]:.4f} [{levels}]  '
               f'lr {metrics["lr"]:.4g}  m {metrics.get("target_momentum", 0.0):.5f}  '
-              f'{rate:.1f} img/s  ETA {_hms(eta)}')
+              f'{rate:.1f} img/s  ETA {hms(eta)}')
       # One line: the console shows this project's INFO (mcl_jax.cli), and
       # the log file keeps it with the rest.
       logging.info('%s', line)
@@ -93,7 +93,7 @@ class MetricWriter:
       self._tb.close()
 
 
-def _hms(seconds: float) -> str:
+def hms(seconds: float) -> str:
   if not np.isfinite(seconds):
     return '--:--:--'
   s = int(seconds)
