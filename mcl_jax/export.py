@@ -7,7 +7,12 @@ its newest complete checkpoint unless --step is given):
     python -m mcl_jax.export --workdir runs/mcl_100ep --format torchvision --out mcl.pth \
         [--step 31280] [--which target]
 
-The conversion itself is `mcl_jax.eval.exporters`. The torchvision format
+From a detection fine-tune's workdir (`python -m mcl_jax.finetune`), the whole
+Mask R-CNN under detectron2's full names (detectron2 format only):
+
+    python -m mcl_jax.export --workdir runs/coco_1x --format detectron2 --out mask_rcnn.pkl
+
+The conversions are `mcl_jax.eval.exporters` and `mcl_jax.detection.export`. The torchvision format
 writes with PyTorch, an optional extra (`pip install -e ".[torch]"`); the
 detectron2 format needs no PyTorch.
 """
@@ -43,11 +48,33 @@ def main(argv=None) -> int:
                          'a *.pkl file; name it e.g. mcl.pkl')
   if args.format == 'torchvision':
     exporters.torch_module()  # before minutes of loading: say now what to install
-  from mcl_jax.training import checkpointing  # pylint: disable=import-outside-toplevel
+  # pylint: disable=import-outside-toplevel
+  from mcl_jax.detection import state as detection_state
+  from mcl_jax.training import checkpointing
+  if detection_state.is_detector_config(checkpointing.load_config(args.workdir)):
+    return _export_detector(args)
   _, variables = checkpointing.load_variables(args.workdir, step=args.step, which=args.which)
   paths.makedirs(paths.dirname(paths.abspath(args.out)))
   names = exporters.export(variables, args.format, args.out)
   print(f'wrote {len(names)} tensors ({args.which} network, {args.format}) to {args.out}')
+  return 0
+
+
+def _export_detector(args) -> int:
+  """A fine-tuned Mask R-CNN's checkpoint as a detectron2 .pkl of the whole model."""
+  # pylint: disable=import-outside-toplevel
+  from mcl_jax.detection import export as detection_export
+  from mcl_jax.detection import state as detection_state
+  if args.format != 'detectron2':
+    raise cli.UsageError(f'--format={args.format}: {args.workdir} is a detection fine-tune; '
+                         'its whole Mask R-CNN exports with --format=detectron2 only')
+  if args.which != 'online':
+    raise cli.UsageError(f'--which={args.which}: a detection fine-tune has no target '
+                         'network; leave --which out')
+  _, variables = detection_state.load_variables(args.workdir, step=args.step)
+  paths.makedirs(paths.dirname(paths.abspath(args.out)))
+  names = detection_export.save_detectron2_maskrcnn(variables, args.out)
+  print(f'wrote {len(names)} tensors (Mask R-CNN, detectron2 names) to {args.out}')
   return 0
 
 

@@ -96,3 +96,34 @@ def apply_update(state: TrainState, grads, batch_stats,
   new_state = TrainState(step=state.step + 1, params=params, batch_stats=batch_stats,
                          opt_state=opt_state)
   return new_state, {'grad_norm': optax.tree.norm(grads), 'param_norm': optax.tree.norm(params)}
+
+
+def is_detector_config(config) -> bool:
+  """Whether a run's saved config is a fine-tuning's (a detector) rather than a pretraining's."""
+  return 'rpn' in config.get('model', {})
+
+
+def load_variables(workdir: str, step: int | None = None) -> tuple[Any, dict]:
+  """(config, {'params', 'batch_stats'}) of a fine-tuning run's checkpoint, for tools.
+
+  Rebuilds the detector from the workdir's config.json and restores its newest
+  complete checkpoint (or `step`) on the local devices.
+
+  Raises:
+    CheckpointError: no config.json, no checkpoint (of that step), or none readable.
+  """
+  from mcl_jax.detection import optim  # pylint: disable=import-outside-toplevel
+  from mcl_jax.training import checkpointing  # pylint: disable=import-outside-toplevel
+  config = checkpointing.check_readable(workdir, step)
+  tx = optim.create_optimizer(config)
+  manager = checkpointing.make_manager(workdir, config.keep_checkpoints, async_save=False,
+                                       create=False)
+  try:
+    state, _ = checkpointing.restore_latest(manager, abstract_train_state(config, tx), step,
+                                            quarantine_corrupt=False)
+  finally:
+    manager.close()
+  if state is None:
+    raise checkpointing.CheckpointError(
+        f'no readable checkpoint in {checkpointing.checkpoint_dir(workdir)}')
+  return config, {'params': state.params, 'batch_stats': state.batch_stats}
