@@ -27,7 +27,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument('--format', choices=('detectron2', 'torchvision'), required=True)
   p.add_argument('--out', required=True,
                  help='output file: *.pkl for detectron2, *.pth for torchvision')
-  return p.parse_args(argv)
+  return cli.check_path_flags(p.parse_args(argv), 'workdir', 'out')
 
 
 def main(argv=None) -> int:
@@ -43,6 +43,9 @@ def main(argv=None) -> int:
                          'a *.pkl file; name it e.g. mcl.pkl')
   if args.format == 'torchvision':
     exporters.torch_module()  # before minutes of loading: say now what to install
+  from mcl_jax import storage_checks  # pylint: disable=import-outside-toplevel
+  storage_checks.check_tool_path(args.workdir, '--workdir')
+  storage_checks.check_tool_path(args.out, '--out', write=True)
   from mcl_jax.training import checkpointing  # pylint: disable=import-outside-toplevel
   _, variables = checkpointing.load_variables(args.workdir, step=args.step, which=args.which)
   paths.makedirs(paths.dirname(paths.abspath(args.out)))
