@@ -45,7 +45,7 @@ def check_credentials(path):
     logger.setLevel(level)
 
 
-def check_writable(path) -> bool:
+def check_writable(path, what: str | None = None) -> bool:
   """Makes sure a run can write into folder `path`, or says why not (StorageError).
 
   Locally: creates the folder and a probe file (removed again). On gs://:
@@ -54,6 +54,10 @@ def check_writable(path) -> bool:
   the bucket's metadata), and tells a missing bucket (404 on the upload; it
   is never created here: a typo would make a new bucket) from a write
   refused (403) and refused credentials (401).
+
+  Args:
+    path: the folder.
+    what: what the folder is for, in the messages (default 'workdir PATH').
 
   Returns:
     Whether the folder was new: locally, created here; on gs://, holding no
@@ -71,8 +75,9 @@ def check_writable(path) -> bool:
     paths.gcs().pipe_file(paths.gcs_key(probe), b'')
     paths.remove(probe)
   except FileNotFoundError as e:
-    raise StorageError(f'bucket gs://{bucket} does not exist (workdir {path}): create it '
-                       f'(gcloud storage buckets create gs://{bucket}) or fix the path') from e
+    what = what or f'workdir {path}'
+    raise StorageError(f'bucket gs://{bucket} does not exist ({what}): create it (gcloud '
+                       f'storage buckets create gs://{bucket}) or fix the path') from e
   except paths.request_errors() as e:
     raise _access_error(path, 'is not writable', e) from e
   try:
@@ -105,7 +110,7 @@ def check_tool_path(path, flag: str, write: bool = False):
   try:
     check_credentials(path)
     if write:
-      check_writable(paths.dirname(path))
+      check_writable(paths.dirname(path), what=f'{flag}={path}')
       return
     fs = paths.gcs()
     try:
@@ -115,6 +120,8 @@ def check_tool_path(path, flag: str, write: bool = False):
     except paths.request_errors() as e:
       raise _access_error(path, 'cannot be read', e) from e
   except StorageError as e:
+    if flag in str(e):
+      raise
     raise StorageError(f'{flag} {e}' if str(e).startswith(path) else f'{flag}: {e}') from e
 
 

@@ -76,15 +76,15 @@ def test_malformed_urls_fail_in_one_line_and_create_nothing(tmp_path):
     # every form in-process below (the tools import JAX before they parse).
     for form in MALFORMED if name.startswith('main.py') else MALFORMED[i % 4:i % 4 + 1]:
       jobs[(name, form)] = [a.replace('{}', form) for a in args]
-  for key in jobs:
-    os.makedirs(tmp_path / str(len(os.listdir(tmp_path))))
-  cwds = dict(zip(jobs, sorted(os.listdir(tmp_path), key=int)))
+  cwds = {key: str(i) for i, key in enumerate(jobs)}  # an empty folder each
+  for cwd in cwds.values():
+    (tmp_path / cwd).mkdir()
   done = _runs(jobs, lambda k: str(tmp_path / cwds[k]))
   for (name, form), (p, seconds) in done.items():
     line = _only_line(p)
     print(f'{name} {form}: {seconds:.1f}s: {line}')
     assert p.returncode == 2, (name, form, p.stderr)
-    assert line.startswith(f'error: --') and f'={form}: ' in line, line
+    assert line.startswith('error: --') and f'={form}: ' in line, line
     assert line.endswith('expected gs://BUCKET/path for a Cloud Storage bucket, or a local path')
     assert os.listdir(tmp_path / cwds[(name, form)]) == [], (name, form)
     assert seconds < 30, (name, form, seconds)
@@ -165,8 +165,9 @@ def test_tool_path_reads_and_writes(gcs, gs_bucket, tmp_path):
   storage_checks.check_tool_path(gs_bucket + '/out/mcl.pkl', '--out', write=True)
   assert paths.find(gs_bucket) == ['run/config.json']
   assert not os.path.exists(tmp_path / 'none')
-  with pytest.raises(paths.StorageError, match=r'^--out: bucket gs://no-such-bucket-y does '
-                                               r'not exist'):
+  with pytest.raises(paths.StorageError, match=r'^bucket gs://no-such-bucket-y does '
+                                               r'not exist \(--out=gs://no-such-bucket-y/mcl'
+                                               r'\.pkl\): create it'):
     storage_checks.check_tool_path('gs://no-such-bucket-y/mcl.pkl', '--out', write=True)
 
 
