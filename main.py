@@ -55,6 +55,26 @@ def _config_description(argv) -> str:
   return ' '.join([os.path.relpath(path) if path.startswith(_HERE) else path, *overrides])
 
 
+def _check_paths(workdir: str, config):
+  """The workdir's and the data paths' form, and gs:// credentials: one line, before any import.
+
+  A malformed URL is a UsageError (exit 2), before anything exists; a gs://
+  path on a machine without credentials fails here in a second rather than
+  after TensorFlow and JAX have started (the workdir's full check, bucket and
+  write access, is the training loop's).
+  """
+  from mcl_jax import paths, storage_checks  # pylint: disable=import-outside-toplevel
+  paths.check_user_path(workdir, '--workdir')
+  for field in ('folder', 'tfds_data_dir'):
+    paths.check_user_path(config.data.get(field), f'--config.data.{field}')
+  try:
+    storage_checks.check_credentials(workdir)
+  except paths.StorageError as e:
+    raise paths.StorageError(f'workdir {e}') from e
+  if config.data.source == 'folder':
+    storage_checks.check_tool_path(config.data.get('folder'), '--config.data.folder')
+
+
 def main(argv) -> int:
   """Starts JAX (and the other processes), then trains. Returns the exit status."""
   cli.parse_absl_flags(argv, __doc__)
@@ -66,6 +86,7 @@ def main(argv) -> int:
                          '--local_device_ids need --distributed')
   workdir = f.workdir or os.path.join('runs', os.path.splitext(os.path.basename(
       config_flags.get_config_filename(f['config'])))[0])
+  _check_paths(workdir, f.config)
   # TensorFlow (tf.data only) is kept off the accelerators before JAX takes them.
   from mcl_jax.data import lazy_tf  # pylint: disable=import-outside-toplevel
   with cli.native_stderr_to_log('tensorflow'):

@@ -113,6 +113,18 @@ def parse_absl_flags(argv: Sequence[str], doc: str, config_flag: str = 'config')
 
 
 
+def check_path_flags(args: argparse.Namespace, *names: str) -> argparse.Namespace:
+  """Refuses a malformed URL in path flags `names` (`paths.check_user_path`): exit 2.
+
+  Called by each tool's parse_args, so that a typo like --workdir=gs:/bucket
+  fails before anything is imported, read or created.
+  """
+  from mcl_jax import paths  # pylint: disable=import-outside-toplevel
+  for name in names:
+    paths.check_user_path(getattr(args, name), f'--{name}')
+  return args
+
+
 def add_checkpoint_flags(parser: ArgumentParser):
   """--workdir, --step and --which: the checkpoint a tool reads (evaluation, export)."""
   parser.add_argument('--workdir', required=True,

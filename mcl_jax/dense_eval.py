@@ -47,7 +47,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument('--seed', type=int, default=None, help='random-init seed (default: config)')
   p.add_argument('--png', default=None,
                  help="test scenes picture (default WORKDIR/dense_probe.png; 'none': skip)")
-  args = p.parse_args(argv)
+  args = cli.check_path_flags(p.parse_args(argv), 'workdir', 'voc_root', 'png')
   if args.dataset == 'voc' and not args.voc_root:
     p.error('--dataset voc needs --voc_root PATH')
   if args.image_size is not None and (args.image_size < 32 or args.image_size % 32):
@@ -89,8 +89,14 @@ def main(argv=None) -> dict[str, Any]:
 
 
 def _cli_main(argv) -> int:
+  from mcl_jax import storage_checks  # pylint: disable=import-outside-toplevel
   from mcl_jax.training import checkpointing  # pylint: disable=import-outside-toplevel
   args = parse_args(argv[1:])
+  storage_checks.check_tool_path(args.workdir, '--workdir')
+  storage_checks.check_tool_path(args.voc_root, '--voc_root')
+  if (args.png or '').lower() != 'none':
+    storage_checks.check_tool_path(args.png or paths.join(args.workdir, 'dense_probe.png'),
+                                   '--png', write=True)
   checkpointing.check_readable(args.workdir, args.step)  # a wrong workdir: now, not later
   main(argv[1:])
   return 0

@@ -31,7 +31,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_flag('batch_size', type=int, default=256)
   p.add_argument('--k', type=int, default=probes.KNN_K)
   p.add_argument('--t', type=float, default=probes.KNN_T)
-  return p.parse_args(argv)
+  return cli.check_path_flags(p.parse_args(argv), 'workdir', 'folder', 'tfds_data_dir')
 
 
 def apply_data_flags(config, args):
@@ -62,9 +62,12 @@ def main(argv=None) -> dict[str, Any]:
 
 
 def _cli_main(argv) -> int:
+  from mcl_jax import storage_checks  # pylint: disable=import-outside-toplevel
   from mcl_jax.training import checkpointing  # pylint: disable=import-outside-toplevel
   from mcl_jax.data import lazy_tf  # pylint: disable=import-outside-toplevel
   args = parse_args(argv[1:])
+  storage_checks.check_tool_path(args.workdir, '--workdir')
+  storage_checks.check_tool_path(args.folder, '--folder')
   checkpointing.check_readable(args.workdir, args.step)  # a wrong workdir: now, not later
   with cli.native_stderr_to_log('tensorflow'):  # its start-up banners: not the console
     lazy_tf.tf()

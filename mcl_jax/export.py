@@ -32,7 +32,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument('--format', choices=('detectron2', 'torchvision'), required=True)
   p.add_argument('--out', required=True,
                  help='output file: *.pkl for detectron2, *.pth for torchvision')
-  return p.parse_args(argv)
+  return cli.check_path_flags(p.parse_args(argv), 'workdir', 'out')
 
 
 def main(argv=None) -> int:
@@ -49,8 +49,11 @@ def main(argv=None) -> int:
   if args.format == 'torchvision':
     exporters.torch_module()  # before minutes of loading: say now what to install
   # pylint: disable=import-outside-toplevel
+  from mcl_jax import storage_checks
   from mcl_jax.detection import state as detection_state
   from mcl_jax.training import checkpointing
+  storage_checks.check_tool_path(args.workdir, '--workdir')
+  storage_checks.check_tool_path(args.out, '--out', write=True)
   if detection_state.is_detector_config(checkpointing.load_config(args.workdir)):
     return _export_detector(args)
   _, variables = checkpointing.load_variables(args.workdir, step=args.step, which=args.which)

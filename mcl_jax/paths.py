@@ -51,6 +51,7 @@ import builtins
 import logging
 import os
 import posixpath
+import re
 import shutil
 import threading
 import uuid
@@ -86,11 +87,61 @@ def is_cloud(path) -> bool:
   return str(path).startswith(GS)
 
 
-def check_supported(path):
-  """Refuses URLs of other schemes (s3://, http://...): only local and gs:// work."""
+class PathSyntaxError(errors.UsageError, ValueError):
+  """A path given by the user that is a malformed or unsupported URL (exit status 2)."""
+
+
+# `scheme:` then one slash or more: a URL, not a local name (a local file may
+# well be called `a:b`, but not `a:/b` by accident).
+_URL = re.compile(r'^([A-Za-z][A-Za-z0-9+.-]*):/')
+# GCS bucket names: 3-63 lowercase letters, digits, '-', '_' and '.', starting
+# and ending with a letter or digit (dotted names may be longer; 222 at most).
+_BUCKET = re.compile(r'^[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]$')
+_EXPECTED = 'expected gs://BUCKET/path for a Cloud Storage bucket, or a local path'
+
+
+def check_user_path(path, flag: str = 'path') -> str | None:
+  """Refuses a path the user typed that is a malformed or unsupported URL; returns it.
+
+  Called wherever a path enters from a command line or config (a run's
+  workdir, a tool's --workdir / --out, data folders, the dense probe's VOC
+  root), before anything is created: a local path is used as given, so a
+  typo such as `gs:/bucket/run` would otherwise become a folder named `gs:`
+  in the current directory. Refused (one line naming `flag` and the form
+  expected):
+
+  * anything starting `gs:` (any case) that is not `gs://BUCKET[/...]` with a
+    valid bucket name: `gs:/b`, `gs:b`, `gs://`, `gs:///b`, `GS://b`, `gs://My_Bucket`;
+  * other URL schemes (`s3://`, `gcs://`, `http://`, `file://`...): only local
+    paths and gs:// are read and written by this project (`gcs://`, fsspec's
+    alias of gs://, is named as such in the message).
+
+  None and '' pass through (the caller decides whether a path is required).
+  """
+  if path is None or str(path) == '':
+    return path
   p = str(path)
-  if '://' in p and not is_cloud(p):
-    raise StorageError(f'{p!r}: only local paths and gs:// buckets are supported')
+  m = _URL.match(p)
+  looks_gs = p[:3].lower() == 'gs:'
+  if not looks_gs and not m:
+    return path
+  if p.startswith(GS):
+    bucket = split(p)[0]
+    if _BUCKET.match(bucket):
+      return path
+    what = ('has no bucket name' if not bucket else
+            f'{bucket!r} is not a valid bucket name (3-63 lowercase letters, digits, '
+            "'-', '_' or '.')")
+    raise PathSyntaxError(f'{flag}={p}: {what}: {_EXPECTED}')
+  if looks_gs:
+    raise PathSyntaxError(f'{flag}={p}: a malformed gs:// URL (the scheme is lowercase '
+                          f'gs followed by two slashes): {_EXPECTED}')
+  scheme = m.group(1)
+  hint = (" (gcs:// is another name of gs://: write gs://)"
+          if scheme.lower() == 'gcs' else '')
+  raise PathSyntaxError(f'{flag}={p}: {scheme}:// paths are not supported{hint}: '
+                        f'{_EXPECTED}')
+
 
 
 def split(path: str) -> tuple[str, str]:
@@ -233,6 +284,28 @@ def listdir(path) -> list[str]:
   prefix = gcs_key(path) + '/'
   return sorted({e.rstrip('/')[len(prefix):].split('/')[0] for e in entries
                  if e.startswith(prefix) and len(e.rstrip('/')) > len(prefix)})
+
+
+def find(path) -> list[str]:
+  """Every file under a folder, recursively, as paths relative to it, sorted; [] if none.
+
+  On gs:// one listing of the prefix (paged by the server, no request per
+  folder): what a data folder in a bucket is scanned with.
+  """
+  if not is_cloud(path):
+    found = []
+    for folder, dirs, names in os.walk(path):
+      dirs.sort()
+      rel = os.path.relpath(folder, path)
+      found += [name if rel == '.' else os.path.join(rel, name) for name in names]
+    return sorted(found)
+  fs, key = _fresh(path)
+  try:
+    keys = fs.find(key, withdirs=False)
+  except FileNotFoundError:
+    return []
+  prefix = key + '/'
+  return sorted(k[len(prefix):] for k in keys if k.startswith(prefix) and not k.endswith('/'))
 
 
 def glob(pattern) -> list[str]:

@@ -29,6 +29,14 @@ def main(argv) -> int:
   f = flags.FLAGS
   if f.num_images < 1:
     raise cli.UsageError(f'--num_images={f.num_images}: must be at least 1')
+  from mcl_jax import paths, storage_checks  # pylint: disable=import-outside-toplevel
+  for field in ('folder', 'tfds_data_dir'):
+    paths.check_user_path(f.config.data.get(field), f'--config.data.{field}')
+  for name in ('out', 'montage_out'):  # the form of both first: a typo never waits
+    paths.check_user_path(f[name].value, f'--{name}')
+  storage_checks.check_tool_path(f.config.data.get('folder'), '--config.data.folder')
+  for name in ('out', 'montage_out'):
+    storage_checks.check_tool_path(f[name].value, f'--{name}', write=True)
   from mcl_jax.data import lazy_tf  # pylint: disable=import-outside-toplevel
   with cli.native_stderr_to_log('tensorflow'):  # its start-up banners: not the console
     lazy_tf.tf()

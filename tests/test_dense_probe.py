@@ -247,6 +247,24 @@ def test_voc_reader(tmp_path):
   assert result['miou'] == 1.0 and result['pixel_acc'] == 1.0
 
 
+def test_voc_reader_reads_a_bucket(gs_bucket, tmp_path, monkeypatch):
+  """A VOC root in a bucket: the arrays of the same folder on disk, each object read once."""
+  from mcl_jax import paths
+  local, cloud = str(tmp_path / 'voc'), gs_bucket + '/voc'
+  make_voc(local)
+  for rel in paths.find(local):
+    paths.write_atomic(paths.join(cloud, rel), paths.read_bytes(os.path.join(local, rel)))
+  reads, read_bytes = [], paths.read_bytes
+  monkeypatch.setattr(paths, 'read_bytes', lambda p: reads.append(p) or read_bytes(p))
+  got, want = sd.voc(cloud, short_side=32), sd.voc(local, short_side=32)
+  for split in ('train', 'test'):
+    for field in ('images', 'labels', 'size_bins'):
+      np.testing.assert_array_equal(getattr(getattr(got, split), field),
+                                    getattr(getattr(want, split), field), err_msg=field)
+  assert got.name == want.name == 'voc voc (32 px)'
+  assert sorted(reads) == sorted(set(reads)) and len(reads) == 12  # 5 images, 5 masks, 2 lists
+
+
 @pytest.mark.parametrize('breakage, message', [
     ('missing_mask', r'SegmentationClass/b\.png: mask missing'),
     ('mask_size', r'SegmentationClass/b\.png: mask is 10x12 but its image .* is 36x48'),

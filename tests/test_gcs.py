@@ -250,6 +250,101 @@ def test_gs_two_processes_write_one_checkpoint(gcs, gs_bucket):
   runs.same_state_up_to_rounding(a, b, '2 processes on gs:// vs 1 process')
 
 
+# ---- data.folder in a bucket --------------------------------------------------
+
+
+def _image_folder(root, n_random: int = 10) -> list[str]:
+  """Random JPEGs and PNGs in two class folders, plus odd kinds; their relative names."""
+  import io
+  from PIL import Image
+  rng = np.random.default_rng(0)
+  files = {}
+  for i in range(n_random):
+    im = Image.fromarray(rng.integers(0, 255, (30 + i, 40, 3), dtype=np.uint8))
+    buf = io.BytesIO()
+    im.save(buf, 'JPEG' if i % 2 else 'PNG', quality=90)
+    files[f'c{i % 2}/img{i}.{"jpg" if i % 2 else "png"}'] = buf.getvalue()
+  odd = {'c0/cmyk.jpg': ('CMYK', 'JPEG'), 'c1/rgba.png': ('RGBA', 'PNG'),
+         'c1/gray.jpg': ('L', 'JPEG'), 'top.jpg': ('RGB', 'JPEG')}
+  for name, (mode, fmt) in odd.items():
+    buf = io.BytesIO()
+    Image.new(mode, (36, 28), (60, 120, 180, 50)[:len(mode)] if mode != 'L' else 77
+              ).save(buf, fmt)
+    files[name] = buf.getvalue()
+  files['c0/cut.jpg'] = files['c1/img1.jpg'][:-300]  # no end-of-image marker: PIL
+  files['c1/.hidden.jpg'] = files['top.jpg']
+  files['notes.txt'] = b'not an image'
+  for name, data in files.items():
+    path = paths.join(root, *name.split('/'))
+    paths.makedirs(paths.dirname(path))
+    paths.write_atomic(path, data)
+  return sorted(files)
+
+
+@pytest.mark.parametrize('crop_on', ['host', 'device'])
+def test_gs_folder_reads_as_the_local_folder(gs_bucket, tmp_path, monkeypatch, crop_on):
+  """data.folder=gs://: the same index, batches and eval arrays as the same folder on disk,
+  from one listing of the bucket and no second storage client."""
+  from configs import test_tiny
+  from mcl_jax.data import folder
+  from mcl_jax.data import input_pipeline as ip
+  local, cloud = str(tmp_path / 'imgs'), gs_bucket + '/imgs'
+  _image_folder(local)
+  _image_folder(cloud)
+  listings, reads = [], []
+  find, read_bytes = paths.find, paths.read_bytes
+  monkeypatch.setattr(paths, 'find', lambda p: listings.append(p) or find(p))
+  monkeypatch.setattr(paths, 'read_bytes', lambda p: reads.append(p) or read_bytes(p))
+  tf = folder._tf()  # pylint: disable=protected-access
+  tf_reads, tf_read_file = [], tf.io.read_file  # TensorFlow's own GCS client: local only
+  monkeypatch.setattr(tf.io, 'read_file', lambda *a, **k: tf_reads.append(a) or tf_read_file(
+      *a, **k))
+
+  def data(root):
+    cfg = test_tiny.get_config().data
+    cfg.source, cfg.folder, cfg.image_size, cfg.num_crops = 'folder', root, 8, 2
+    cfg.max_side, cfg.crop_on, cfg.shuffle_buffer = 32, crop_on, 16
+    return cfg
+
+  want = folder.scan_folder(ip.DataSpec.from_config(data(local)), 'train')
+  got = folder.scan_folder(ip.DataSpec.from_config(data(cloud)), 'train')
+  assert [p[len(cloud):] for p in got.paths] == [p[len(local):] for p in want.paths]
+  assert got.class_names == want.class_names == ('c0', 'c1')
+  np.testing.assert_array_equal(got.labels, want.labels)
+  for process in (0, 1):  # 2 hosts: each reads its own half of every batch
+    its = []
+    for root in (local, cloud):
+      traced = len(tf_reads)
+      its.append(ip.open_source(data(root)).train_iterator(
+          global_batch=4, seed=3, process_index=process, process_count=2, include_index=True))
+      assert (len(tf_reads) > traced) == (root == local)
+    for _ in range(5):
+      a, b = next(its[0]), next(its[1])
+      assert a.keys() == b.keys()
+      for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    assert its[1].stats.failed_decodes == 0
+  assert listings == [cloud]  # one listing per process, whatever asks
+  assert reads and all(r.startswith(cloud + '/') for r in reads)
+  (xa, ya), (xb, yb) = (ip.open_source(data(r)).eval_arrays('validation')
+                        for r in (local, cloud))
+  np.testing.assert_array_equal(xa, xb)
+  np.testing.assert_array_equal(ya, yb)
+
+
+def test_gs_folder_run_trains(gcs, gs_bucket, tmp_path):
+  """main.py with data.folder=gs://bucket/imgs trains its steps reading from the bucket."""
+  _image_folder(gs_bucket + '/imgs', n_random=40)
+  workdir = str(tmp_path / 'run')
+  p = subprocess.run(runs.command(workdir, '--config.data.source=folder',
+                                  f'--config.data.folder={gs_bucket}/imgs'),
+                     cwd=runs.REPO, env=runs.env(2), capture_output=True, text=True,
+                     timeout=runs.TIMEOUT_S)
+  assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+  assert runs.logged_steps(workdir) == list(range(1, runs.NUM_STEPS + 1))
+  assert f'"folder": "{gs_bucket}/imgs"' in paths.read_text(workdir + '/config.json')
+
+
 def _error_line(p) -> str:
   lines = [l for l in p.stderr.splitlines() if l.startswith('error: ')]
   assert len(lines) == 1, p.stdout + p.stderr

@@ -188,8 +188,52 @@ def test_check_writable(gcs, gs_bucket, tmp_path):
                            r'buckets create gs://no-such-bucket-x'):
     storage_checks.check_writable('gs://no-such-bucket-x/run')
   assert 'no-such-bucket-x' not in gcs.buckets()
-  with pytest.raises(paths.StorageError, match='only local paths and gs://'):
+  with pytest.raises(paths.PathSyntaxError, match=r's3:// paths are not supported'):
     storage_checks.check_writable('s3://bucket/run')
+
+
+# Each malformed form, and what the message must name.
+MALFORMED = {
+    'gs:/bucket/run': 'a malformed gs:// URL',
+    'gs:bucket/run': 'a malformed gs:// URL',
+    'GS://bucket/run': 'a malformed gs:// URL',
+    'Gs://bucket': 'a malformed gs:// URL',
+    'gs:': 'a malformed gs:// URL',
+    'gs://': 'has no bucket name',
+    'gs:///run': 'has no bucket name',
+    'gs://My_Bucket/run': "'My_Bucket' is not a valid bucket name",
+    'gs://ab/run': "'ab' is not a valid bucket name",
+    's3://bucket/run': 's3:// paths are not supported',
+    'gcs://bucket/run': 'gcs:// is another name of gs://: write gs://',
+    'http://host/x': 'http:// paths are not supported',
+    'file:///tmp/x': 'file:// paths are not supported',
+}
+
+
+@pytest.mark.parametrize('path', sorted(MALFORMED))
+def test_check_user_path_refuses_malformed_urls(path):
+  with pytest.raises(paths.PathSyntaxError) as e:
+    paths.check_user_path(path, '--workdir')
+  message = str(e.value)
+  assert message.startswith(f'--workdir={path}: ') and MALFORMED[path] in message
+  assert message.endswith('expected gs://BUCKET/path for a Cloud Storage bucket, or a local '
+                          'path') and '\n' not in message
+  assert e.value.exit_status == 2  # a bad command line
+
+
+@pytest.mark.parametrize('path', ['gs://bucket', 'gs://bucket/', 'gs://my-bucket_1.x/a/b',
+                                  'runs/demo', '/tmp/gs/x', 'gsx/run', 'a:b', './gs:x',
+                                  None, ''])
+def test_check_user_path_passes_good_paths(path):
+  assert paths.check_user_path(path, '--workdir') == path
+
+
+def test_find_lists_every_file_once(root):
+  assert paths.find(root) == []
+  for name in ('a.jpg', 'cls/b.png', 'cls/deep/c.jpg', '.hidden/d.jpg'):
+    paths.makedirs(paths.dirname(paths.join(root, name)))
+    paths.write_atomic(paths.join(root, name), b'x')
+  assert paths.find(root) == ['.hidden/d.jpg', 'a.jpg', 'cls/b.png', 'cls/deep/c.jpg']
 
 
 def _proxy_on_port_with(digits: str, upstream: str, refuse):

@@ -6,11 +6,20 @@ and counted; odd formats (CMYK, 16-bit, RGBA, palette, ...) are decoded with
 PIL and converted to RGB uint8. Owns the scan (`scan_folder`, `FolderIndex`)
 and the source's answers: `num_examples`, `num_classes`, `train_stream`,
 `eval_arrays`, `eval_splits`, `has_heldout_split`.
+
+`data.folder` may be a gs:// folder: it is read through `mcl_jax.paths`
+(the project's one gcsfs client), listed once per process (one recursive
+listing, cached; split folders are found in it), and each host reads only
+the files of its own slice of every batch (`stream.indexed_stream`). A file
+in a bucket is not opened at the scan (that would be a request per image
+on every host): its header is checked when it is read, and a file PIL
+cannot identify then counts as a decode failure instead of a scan skip.
 """
 
 import concurrent.futures
 import dataclasses
 import functools
+import io
 import os
 import time
 from typing import Optional
@@ -18,6 +27,7 @@ from typing import Optional
 from absl import logging
 import numpy as np
 
+from mcl_jax import paths as paths_lib
 from mcl_jax.data import decode, stream
 from mcl_jax.data.lazy_tf import tf as _tf
 from mcl_jax.data.spec import DataSpec, DatasetNotFoundError
@@ -73,6 +83,38 @@ def _list_images(root: str) -> tuple[list[str], list[int], list[str]]:
   return paths, labels, classes
 
 
+def _list_cloud_images(root: str, split: Optional[str]
+                       ) -> tuple[list[str], list[int], list[str]]:
+  """`_list_images` of a gs:// root (or its split), from the one cached listing."""
+  base = _cloud_listing(root)
+  if split:
+    base = tuple(k[len(split) + 1:] for k in base if k.startswith(split + '/'))
+  top, by_class = [], {}
+  for rel in base:
+    parts = rel.split('/')
+    if any(p.startswith('.') for p in parts) or not _is_image_file(parts[-1]):
+      continue
+    if len(parts) == 1:
+      top.append(rel)
+    else:
+      by_class.setdefault(parts[0], []).append(rel)
+  folder = paths_lib.join(root, split) if split else root
+  classes = sorted(by_class)
+  paths = [paths_lib.join(folder, r) for r in sorted(top)]
+  labels = [-1] * len(paths)
+  for idx, name in enumerate(classes):
+    found = sorted(paths_lib.join(folder, r) for r in by_class[name])
+    paths += found
+    labels += [idx] * len(found)
+  return paths, labels, classes
+
+
+@functools.lru_cache(maxsize=8)
+def _cloud_listing(root: str) -> tuple[str, ...]:
+  """Every object under a gs:// root, relative to it: one listing per process and root."""
+  return tuple(paths_lib.find(root))
+
+
 def _jpeg_has_eoi(path: str) -> bool:
   # A JPEG cut short lacks its end-of-image marker; TensorFlow would raise
   # on it mid-stream, while PIL reports it as a countable failure. The marker
@@ -98,6 +140,18 @@ def _probe(path: str) -> Optional[int]:
   return KIND_TF if clean_jpeg else KIND_PIL
 
 
+def _probe_bytes(data: bytes) -> Optional[int]:
+  """`_probe` of a file's bytes (a gs:// file, checked when it is read)."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  try:
+    with Image.open(io.BytesIO(data)) as im:
+      fmt, mode = im.format, im.mode
+  except Exception:  # pylint: disable=broad-except
+    return None
+  clean_jpeg = (fmt == 'JPEG' and mode in ('RGB', 'L') and b'\xff\xd9' in data[-1024:])
+  return KIND_TF if clean_jpeg else KIND_PIL
+
+
 def _missing_folder_error(path, what: str) -> DatasetNotFoundError:
   return DatasetNotFoundError(
       f'data.source="folder": {what}. Set --config.data.folder=/path/to/root '
@@ -108,15 +162,24 @@ def _missing_folder_error(path, what: str) -> DatasetNotFoundError:
 
 
 @functools.lru_cache(maxsize=8)
-def _scan_folder_cached(root: str, mtime_ns: int) -> FolderIndex:
+def _scan_folder_cached(root: str, mtime_ns: int, cloud_split: Optional[str] = None
+                        ) -> FolderIndex:
+  """The index of local folder `root`, or of gs:// `root` (its `cloud_split` if given)."""
   del mtime_ns  # Only part of the cache key: a changed root is rescanned.
   start = time.time()
-  paths, labels, classes = _list_images(root)
+  cloud = paths_lib.is_cloud(root)
+  paths, labels, classes = (_list_cloud_images(root, cloud_split) if cloud
+                            else _list_images(root))
+  if cloud and cloud_split:
+    root = paths_lib.join(root, cloud_split)
   if not paths:
     raise _missing_folder_error(root, 'no image files found in ' + root)
-  workers = min(32, 4 * (os.cpu_count() or 1))
-  with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-    kinds = list(pool.map(_probe, paths, chunksize=64))
+  if cloud:  # headers are checked as the files are read (see the module doc)
+    kinds = [KIND_TF] * len(paths)
+  else:
+    workers = min(32, 4 * (os.cpu_count() or 1))
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+      kinds = list(pool.map(_probe, paths, chunksize=64))
   keep = [i for i, k in enumerate(kinds) if k is not None]
   skipped = tuple(paths[i] for i, k in enumerate(kinds) if k is None)
   if skipped:
@@ -141,19 +204,32 @@ def _root(spec: DataSpec) -> str:
   root = spec.folder
   if not root:
     raise _missing_folder_error(root, 'data.folder is not set')
+  paths_lib.check_user_path(root, 'data.folder')
+  if paths_lib.is_cloud(root):
+    root = root.rstrip('/')
+    if not _cloud_listing(root):
+      raise _missing_folder_error(root, f'{root} holds no objects (no such folder)')
+    return root
   root = os.path.abspath(os.path.expanduser(root))
   if not os.path.isdir(root):
     raise _missing_folder_error(root, f'{root} is not a directory')
   return root
 
 
-def _split_dir(spec: DataSpec, split: Optional[str]) -> str:
+def _has_split(root: str, split: str) -> bool:
+  if paths_lib.is_cloud(root):
+    return any(k.startswith(split + '/') for k in _cloud_listing(root))
+  return os.path.isdir(os.path.join(root, split))
+
+
+def _split_dir(spec: DataSpec, split: Optional[str]) -> tuple[str, Optional[str]]:
+  """(root, split to use or None): root/split when it exists, else root."""
   root = _root(spec)
-  if split and os.path.isdir(os.path.join(root, split)):
-    return os.path.join(root, split)
+  if split and _has_split(root, split):
+    return root, split
   if split:
     logging.info('folder %s has no %r subfolder: using all of it', root, split)
-  return root
+  return root, None
 
 
 def scan_folder(spec: DataSpec, split: Optional[str] = None) -> FolderIndex:
@@ -169,7 +245,10 @@ def scan_folder(spec: DataSpec, split: Optional[str] = None) -> FolderIndex:
   Raises:
     DatasetNotFoundError: path unset/missing or no readable images.
   """
-  path = _split_dir(spec, split)
+  root, use = _split_dir(spec, split)
+  if paths_lib.is_cloud(root):
+    return _scan_folder_cached(root, 0, use)
+  path = os.path.join(root, use) if use else root
   return _scan_folder_cached(path, os.stat(path).st_mtime_ns)
 
 
@@ -201,7 +280,7 @@ def has_heldout_split(spec: DataSpec) -> bool:
   evaluation holds out a part of it instead.
   """
   root = _root(spec)
-  return any(os.path.isdir(os.path.join(root, s)) for s in eval_splits(spec))
+  return any(s and _has_split(root, s) for s in eval_splits(spec))
 
 
 def train_stream(spec: DataSpec, plan_for, seed: int,
@@ -219,15 +298,38 @@ def train_stream(spec: DataSpec, plan_for, seed: int,
   t_labels = tf.constant(index.labels)
   t_force_pil = tf.constant(index.kinds == KIND_PIL)
 
+  read = (_cloud_reader(tf) if paths_lib.is_cloud(index.root) else
+          lambda path: (tf.io.read_file(path), tf.constant(False)))
+
   def element_fn(i, elem_seed):
-    data = tf.io.read_file(tf.gather(t_paths, i))
-    features, ok = decode.decode_features(data, tf.gather(t_force_pil, i),
+    data, unclean = read(tf.gather(t_paths, i))
+    features, ok = decode.decode_features(data, tf.gather(t_force_pil, i) | unclean,
                                           elem_seed, spec, pil_decoder)
     return features, tf.gather(t_labels, i), ok
 
   ds = stream.indexed_stream(len(index.paths), plan, seed, element_fn,
                              include_index, spec)
   return stream.TrainStream([ds], plan, len(index.paths), stats)
+
+
+def _cloud_reader(tf):
+  """path -> (bytes, whether PIL must decode them), read through `mcl_jax.paths`.
+
+  Not tf.io.read_file: that would reach the bucket through TensorFlow's own
+  GCS client, a second client with its own credentials and retries. The
+  header check `_probe` does at a local scan happens here, on the bytes.
+  """
+  def fetch(path):
+    data = paths_lib.read_bytes(path.decode())
+    # An object array: a numpy bytes scalar would drop trailing NUL bytes.
+    return np.asarray(data, dtype=object), np.bool_(_probe_bytes(data) != KIND_TF)
+
+  def read(path):
+    data, unclean = tf.numpy_function(fetch, [path], [tf.string, tf.bool], stateful=False)
+    data.set_shape([])
+    unclean.set_shape([])
+    return data, unclean
+  return read
 
 
 def eval_arrays(spec: DataSpec, split: str, max_examples=None):
@@ -241,9 +343,8 @@ def eval_arrays(spec: DataSpec, split: str, max_examples=None):
 
   def load(path):
     try:
-      with open(path, 'rb') as f:
-        return decode.pil_center_resize(decode.pil_decode_bytes(f.read()),
-                                        size, resize)
+      return decode.pil_center_resize(decode.pil_decode_bytes(paths_lib.read_bytes(path)),
+                                      size, resize)
     except Exception:  # pylint: disable=broad-except
       return None
 

@@ -29,11 +29,12 @@ which `dense_eval` uses for mIoU by object size.
 
 import dataclasses
 import functools
+import io
 import os
 
 import numpy as np
 
-from mcl_jax import errors
+from mcl_jax import errors, paths
 
 IGNORE = 255
 NO_OBJECT = 255
@@ -246,35 +247,66 @@ def digit_scenes(heldout_fraction: float, num_train: int = NUM_TRAIN_SCENES,
 # --------------------------------------------------------------------- VOC --
 
 
-def _read_ids(root: str, split: str) -> list:
-  path = os.path.join(root, 'ImageSets', 'Segmentation', f'{split}.txt')
-  if not os.path.isfile(path):
+class _VocFiles:
+  """The files of a VOC-layout root, local or gs://, through `mcl_jax.paths`.
+
+  On gs:// the root is listed once (one paged request, not one per file),
+  and the bytes of the images and masks `_check_files` opened are kept
+  until the split is loaded, so that each object is downloaded once.
+  """
+
+  def __init__(self, root: str):
+    self.root = root
+    self.cloud = paths.is_cloud(root)
+    self._listing = set(paths.find(root)) if self.cloud else None
+    self._kept = {}
+
+  def path(self, *parts: str) -> str:
+    return paths.join(self.root, *parts)
+
+  def isfile(self, path: str) -> bool:
+    if not self.cloud:
+      return os.path.isfile(path)
+    return path[len(self.root.rstrip('/')) + 1:] in self._listing
+
+  def image(self, path: str, keep: bool = False):
+    """A PIL image of `path` (its bytes kept for the next call with `keep`)."""
+    from PIL import Image  # pylint: disable=import-outside-toplevel
+    if not self.cloud:
+      return Image.open(path)
+    data = self._kept.pop(path, None) or paths.read_bytes(path)
+    if keep:
+      self._kept[path] = data
+    return Image.open(io.BytesIO(data))
+
+
+def _read_ids(files: _VocFiles, split: str) -> list:
+  path = files.path('ImageSets', 'Segmentation', f'{split}.txt')
+  if not files.isfile(path):
     raise SegmentationDataError(f'{path}: split file not found (expected the VOC layout '
                                 'ImageSets/Segmentation/{train,val}.txt)')
-  with open(path) as f:
-    ids = [line.split()[0] for line in f if line.strip()]
+  ids = [line.split()[0] for line in paths.read_text(path).splitlines() if line.strip()]
   if not ids:
     raise SegmentationDataError(f'{path}: empty split (no image ids listed)')
   return ids
 
 
-def _check_files(root: str, split: str, ids: list) -> list:
+def _check_files(voc_files: _VocFiles, split: str, ids: list) -> list:
   """(image path, mask path, object path or None) per id; raises on the first problem."""
-  from PIL import Image  # pylint: disable=import-outside-toplevel
   problems, files = [], []
   for i in ids:
-    img = os.path.join(root, 'JPEGImages', f'{i}.jpg')
-    mask = os.path.join(root, 'SegmentationClass', f'{i}.png')
-    obj = os.path.join(root, 'SegmentationObject', f'{i}.png')
-    if not os.path.isfile(img):
+    img = voc_files.path('JPEGImages', f'{i}.jpg')
+    mask = voc_files.path('SegmentationClass', f'{i}.png')
+    obj = voc_files.path('SegmentationObject', f'{i}.png')
+    if not voc_files.isfile(img):
       problems.append(f'id {i!r} is listed in ImageSets/Segmentation/{split}.txt but '
                       f'{img} does not exist')
       continue
-    if not os.path.isfile(mask):
+    if not voc_files.isfile(mask):
       problems.append(f'{mask}: mask missing for image {img}')
       continue
     try:
-      with Image.open(img) as im_i, Image.open(mask) as im_m:
+      with voc_files.image(img, keep=True) as im_i, voc_files.image(mask, keep=True) as im_m:
         if im_i.size != im_m.size:
           problems.append(f'{mask}: mask is {im_m.size[0]}x{im_m.size[1]} but its image '
                           f'{img} is {im_i.size[0]}x{im_i.size[1]}')
@@ -286,7 +318,7 @@ def _check_files(root: str, split: str, ids: list) -> list:
     except OSError as e:
       problems.append(f'{img} or {mask} cannot be read ({e})')
       continue
-    files.append((img, mask, obj if os.path.isfile(obj) else None))
+    files.append((img, mask, obj if voc_files.isfile(obj) else None))
   if problems:
     more = f' (and {len(problems) - 1} more problem(s) in split {split!r})' \
         if len(problems) > 1 else ''
@@ -334,19 +366,21 @@ def load_voc_split(root: str, split: str, short_side: int = VOC_SHORT_SIDE,
   line that also counts the others.
   """
   from PIL import Image  # pylint: disable=import-outside-toplevel
-  if not os.path.isdir(root):
+  paths.check_user_path(root, 'voc_root')
+  if not paths.isdir(root):
     raise SegmentationDataError(f'VOC root {root!r} is not a directory')
-  ids = _read_ids(root, split)[:max_images]
-  files = _check_files(root, split, ids)
+  voc_files = _VocFiles(root)
+  ids = _read_ids(voc_files, split)[:max_images]
+  files = _check_files(voc_files, split, ids)
   images, labels, bins = [], [], []
   for img, mask, obj in files:
-    with Image.open(img) as im:
+    with voc_files.image(img) as im:
       rgb = np.asarray(im.convert('RGB'))
-    with Image.open(mask) as im:
+    with voc_files.image(mask) as im:
       lab = np.asarray(im).astype(np.uint8)
     inst = None
     if obj is not None:
-      with Image.open(obj) as im:
+      with voc_files.image(obj) as im:
         inst = np.asarray(im).astype(np.uint8) if im.size == (lab.shape[1], lab.shape[0]) \
             else None
     size_bins = _object_sizes(lab, inst)
@@ -370,6 +404,6 @@ def voc(root: str, short_side: int = VOC_SHORT_SIDE, train_split: str = 'train',
   rule = (f'by object area / image area: small < {VOC_AREA_EDGES[0]:.2%}, medium < '
           f'{VOC_AREA_EDGES[1]:.0%}, large >= {VOC_AREA_EDGES[1]:.0%} (objects: '
           'SegmentationObject instances, else connected components per class)')
-  return ProbeData(name=f'voc {os.path.basename(os.path.normpath(root))} ({short_side} px)',
+  return ProbeData(name=f'voc {paths.basename(paths.abspath(root))} ({short_side} px)',
                    train=train, test=test, num_classes=num_classes, class_names=names,
                    size_rule=rule)
