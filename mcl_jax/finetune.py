@@ -69,6 +69,34 @@ def _config_description(argv) -> str:
   return ' '.join([os.path.relpath(path) if path.startswith(_REPO) else path, *overrides])
 
 
+def _pretrained_path(source: str | None) -> str | None:
+  """The path inside a --pretrained source ('none' has none)."""
+  if not source or source == 'none':
+    return None
+  for prefix in ('torchvision:', 'detectron2:'):
+    if source.startswith(prefix):
+      return source[len(prefix):]
+  return source
+
+
+def _check_paths(workdir: str, config):
+  """Every path's form and gs:// access: one line, before JAX starts (as main.py's)."""
+  from mcl_jax import paths, storage_checks  # pylint: disable=import-outside-toplevel
+  pretrained = _pretrained_path(config.get('pretrained'))
+  data_paths = {'--workdir': workdir, '--pretrained': pretrained,
+                '--config.data.coco_root': config.data.get('coco_root'),
+                '--config.data.scenes_root': config.data.get('scenes_root')}
+  for flag, path in data_paths.items():
+    paths.check_user_path(path, flag)
+  try:
+    storage_checks.check_credentials(workdir)
+  except paths.StorageError as e:
+    raise paths.StorageError(f'workdir {e}') from e
+  storage_checks.check_tool_path(pretrained, '--pretrained')
+  if config.data.source == 'coco':
+    storage_checks.check_tool_path(config.data.get('coco_root'), '--config.data.coco_root')
+
+
 def main(argv) -> int:
   """Starts JAX (and the other processes), then fine-tunes. Returns the exit status."""
   cli.parse_absl_flags(argv, __doc__)
@@ -84,6 +112,8 @@ def main(argv) -> int:
       config.pretrained = f.pretrained
   workdir = f.workdir or os.path.join('runs', os.path.splitext(os.path.basename(
       config_flags.get_config_filename(f['config'])))[0])
+  if not f.preflight:
+    _check_paths(workdir, config)
   import jax  # pylint: disable=import-outside-toplevel
   if f.distributed:
     jax.distributed.initialize(
