@@ -26,6 +26,11 @@ Paths:
   sse4       kernels compiled for SSE4.2 (--xla_cpu_max_isa=SSE4_2): the
              matmul and conv kernels of a CPU without AVX, other vector
              widths and so other summation orders
+  avx2       a CPU with AVX2 but no AVX-512 (e.g. AMD EPYC before Zen 4):
+             XLA's kernels for AVX2 (--xla_cpu_max_isa=AVX2), TensorFlow's
+             oneDNN off (it turns it on by itself only on CPUs with
+             AVX-512 VNNI / BF16 or AMX, and then prints a banner) and
+             NumPy's, PyTorch's and its oneDNN's kernels capped at AVX2
   llvm_o3    LLVM's optimisation on, as outside the tests (the suite turns it
              off to compile faster)
 """
@@ -50,7 +55,15 @@ PATHS = {
     'threads16': ([], '', '16'),
     'devices4': ([], '--xla_force_host_platform_device_count=4', ''),
     'sse4': ([], '--xla_cpu_max_isa=SSE4_2', ''),
+    'avx2': ([], '--xla_cpu_max_isa=AVX2', ''),
     'llvm_o3': ([], '--xla_backend_optimization_level=3', ''),
+}
+# Other environment variables of a path.
+PATH_ENV = {
+    'avx2': {'TF_ENABLE_ONEDNN_OPTS': '0', 'ATEN_CPU_CAPABILITY': 'avx2',
+             'ONEDNN_MAX_CPU_ISA': 'AVX2',
+             # NumPy 2's names of its AVX-512 kernels (a warning if unknown).
+             'NPY_DISABLE_CPU_FEATURES': 'X86_V4 AVX512_ICL AVX512_SPR'},
 }
 
 
@@ -69,7 +82,8 @@ def numerical_files() -> list[str]:
 def run_path(name: str, files: list[str], report: str, extra: list[str],
              log: str | None = None) -> dict:
   prefix, flags, nproc = PATHS[name]
-  env = dict(os.environ, XLA_FLAGS=flags, MCL_TOL_REPORT=report, PYTHONPATH=ROOT)
+  env = dict(os.environ, XLA_FLAGS=flags, MCL_TOL_REPORT=report, PYTHONPATH=ROOT,
+             **PATH_ENV.get(name, {}))
   env.pop('NPROC', None)
   if nproc:
     env['NPROC'] = nproc
@@ -143,7 +157,8 @@ def main(argv=None):
       os.remove(report)
     prefix, flags, nproc = PATHS[name]
     print(f'== {name}: {" ".join(prefix)} XLA_FLAGS={flags!r}' +
-          (f' NPROC={nproc}' if nproc else ''), flush=True)
+          (f' NPROC={nproc}' if nproc else '') +
+          ''.join(f' {k}={v!r}' for k, v in PATH_ENV.get(name, {}).items()), flush=True)
     r = run_path(name, files, report, extra, log=os.path.join(tmp, f'{name}.log'))
     results.append(r)
     worst[name] = margins(report)

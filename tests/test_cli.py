@@ -195,12 +195,37 @@ def test_console_shows_the_run_and_the_log_file_the_rest(tmp_path):
                      r'TensorBoard: tensorboard --logdir ',
                      r'^==> Starting a new run: 12 steps of 16 images'):
     assert re.search(start_line, out, re.M), (start_line, out)
+  # TensorFlow's import-time banners (oneDNN's is printed only on CPUs with
+  # AVX-512 VNNI / BF16 or AMX) must not reach the console; that native
+  # output goes to the log is the next test's, on every CPU.
   for chatter in ('orbax', 'oneDNN', 'absl::InitializeLog', 'I0000', 'Traceback'):
     assert chatter not in out, (chatter, out)
   with open(os.path.join(ref['workdir'], 'train.log')) as f:
     log = f.read()
-  assert 'oneDNN' in log and re.search(r'orbax|checkpoint_manager', log, re.I)
+  assert re.search(r'orbax|checkpoint_manager', log, re.I), log
   assert len(re.findall(r'step 12/12 ', log)) == 1
+
+
+def test_native_stderr_goes_to_the_log_file_unless_the_block_fails(tmp_path, capfd):
+  """What C++ code writes to file descriptor 2 (TensorFlow's import banners)."""
+  from mcl_jax import cli  # pylint: disable=import-outside-toplevel
+  cli.setup_logging()
+  try:
+    with cli.native_stderr_to_log('test'):
+      os.write(2, b'native banner\n')
+    with pytest.raises(RuntimeError):
+      with cli.native_stderr_to_log('test'):
+        os.write(2, b'native detail of a failure\n')
+        raise RuntimeError('import failed')
+    log = cli.log_to_file(str(tmp_path / 'train.log'))
+  finally:
+    cli.reset_logging()
+  out, err = capfd.readouterr()
+  assert 'native banner' not in out + err
+  assert 'native detail of a failure' in err  # the failure's context stays on the console
+  with open(log) as f:
+    text = f.read()
+  assert re.search(r' native\.test .*\] native banner$', text, re.M), text
 
 
 def test_rerun_of_a_finished_run_says_so(tmp_path):

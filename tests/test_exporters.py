@@ -13,9 +13,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
-import torch
-import torch.nn.functional as F
-from torch import nn as tnn
+
+# requirements-test.txt installs PyTorch (a CPU wheel) on Python 3.11 only.
+torch = pytest.importorskip('torch', reason='the torch side of these tests needs PyTorch')
+import torch.nn.functional as F  # noqa: E402
+from torch import nn as tnn  # noqa: E402
 
 from mcl_jax import export as export_cmd
 from mcl_jax.eval import exporters

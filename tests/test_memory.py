@@ -158,9 +158,15 @@ def test_checkpoint_keeps_what_its_policy_allows_and_waits_for_the_cotangent():
   recompute = remat.checkpoint(_chain, remat.RECOMPUTE)
   keep = remat.checkpoint(_chain, remat.KEEP)
   assert {r.part for r in memory.saved_residuals(recompute, w, x)} == {'argument'}
-  kept = lambda fn: sum(r.nbytes for r in memory.saved_residuals(fn, w, x)
-                       if r.part != 'argument')
-  assert kept(_chain) <= kept(keep) <= 1.1 * kept(_chain)  # about what autodiff keeps
+  # KEEP keeps what autodiff keeps for the gradients of every argument: the
+  # custom VJP's forward pass cannot know which ones the caller needs, so it
+  # also keeps what only dx needs (the first layer's cos(x), and its tanh
+  # where JAX's own VJP for dw alone drops it, as jax 0.11 and later do).
+  # Unused, those are dead code in the compiled program.
+  both = lambda fn: lambda wx: fn(*wx)
+  kept = lambda fn: sum(r.nbytes for r in memory.saved_residuals(both(fn), (w, x))
+                        if r.part != 'argument')
+  assert kept(keep) == kept(_chain)
   g_ref = jax.grad(_chain, (0, 1))(w, x)
   # The same three layers recomputed (possibly fused in another order): per
   # layer the 32-long matmul, tanh and sin, and the backward's matmuls (32
