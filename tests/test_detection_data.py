@@ -290,7 +290,7 @@ def test_flip_moves_boxes_and_masks_together(train):
       assert gray[pasted].mean() > gray[box & ~pasted].mean() + 20
 
 
-def test_batch_matches_contract(train):
+def test_batch_keys_dtypes_and_shapes(train):
   cfg = data_config()
   b = next(inputs.train_batches(train, cfg, 0, 1, 3, seed=0, workers=2))
   bsz, (hh, ww) = 3, b['images'].shape[1:3]

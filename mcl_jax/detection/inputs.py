@@ -239,7 +239,7 @@ def _fill_gt(ex, split, image_id, orig_hw, new_hw, flip, g, m):
 
 
 def make_batch(examples: list) -> dict:
-  """Stacks examples that share one canvas into the batch dict (the contract's keys)."""
+  """Stacks examples that share one canvas into the batch dict (the keys of `MaskRCNN.__call__`'s batch)."""
   shapes = {e['images'].shape for e in examples}
   if len(shapes) != 1:
     raise ValueError(f'make_batch: examples on different canvases {sorted(shapes)}')
