@@ -54,7 +54,10 @@ def main(argv=None) -> int:
   from mcl_jax.training import checkpointing
   storage_checks.check_tool_path(args.workdir, '--workdir')
   storage_checks.check_tool_path(args.out, '--out', write=True)
-  if detection_state.is_detector_config(checkpointing.load_config(args.workdir)):
+  saved_config = paths.join(args.workdir, checkpointing.CONFIG_FILE)
+  # A workdir without config.json gets load_variables' own error below.
+  if paths.exists(saved_config) and detection_state.is_detector_config(
+      checkpointing.load_config(args.workdir)):
     return _export_detector(args)
   _, variables = checkpointing.load_variables(args.workdir, step=args.step, which=args.which)
   paths.makedirs(paths.dirname(paths.abspath(args.out)))

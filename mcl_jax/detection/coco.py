@@ -183,7 +183,7 @@ def load_split(root: str, split: str) -> CocoSplit:
       not parse or is not a COCO instances file, an image it names that the
       folder lacks.
   """
-  paths.check_supported(root)
+  paths.check_user_path(root, '--config.data.coco_root')
   if not paths.isdir(root):
     raise DetectionDataError(f'{root}: COCO folder not found ({LAYOUT.format(split=split)})')
   ann_path = paths.join(root, 'annotations', f'instances_{split}.json')
