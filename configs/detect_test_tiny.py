@@ -8,7 +8,7 @@ config never changes the tests): 64 px scenes of two or three large digits
 (22-32 px), a narrow one-block-per-stage trunk, a 32-channel FPN, small
 proposal and RoI counts, a few steps.
 
-The learning test (tests/test_finetune.py) runs 600 steps of it from a random
+The learning test (tests/test_finetune.py) runs 500 steps of it from a random
 init and needs box AP50 >= 0.5 on held-out scenes. What makes that reachable
 on a CPU: localisation is learnt in ~100 steps (class-agnostic AP50 0.89),
 the ten-way digit classification is what takes the steps, so the settings
@@ -78,7 +78,7 @@ def get_config():
   c.optim.weight_decay_norm = 0.0
   c.optim.warmup_iters = 10
   c.optim.warmup_factor = 0.001
-  c.optim.lr_steps = (480,)  # x0.1 for the last fifth of the learning test's 600 steps
+  c.optim.lr_steps = (400,)  # x0.1 for the last fifth of the learning test's 500 steps
   c.optim.gamma = 0.1
   c.optim.num_steps = 6
 

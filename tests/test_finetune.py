@@ -176,13 +176,14 @@ import time
 
 from tests import subprocess_runs as runs
 
-LEARN_STEPS = 600  # the config's lr drops x0.1 at step 480
+LEARN_STEPS = 500  # the config's lr drops x0.1 at step 400
 FIRST, LAST = 5, 10  # the loss means compared: the first FIRST and the last LAST steps
 RESUME_STEPS = 8
 # The requirement: a short fine-tune on scenes of a few large, well-separated
 # digits reaches box AP50 >= 0.5 on held-out scenes of the same kind (a random
-# init scores 0.0). Measured in-process on 1 device: 0.745 after 600 steps
-# (0.41 after 400, 0.93 after 800): localisation is learnt within ~100 steps
+# init scores 0.0). Measured in-process on 1 device: 0.672 after 500 steps
+# (0.41 after 400 and 0.93 after 800 steps with the drop at 4/5; this test
+# on 2 devices: 0.776 after 500, 0.81 after 600): localisation is learnt within ~100 steps
 # (class-agnostic AP50 0.89), the ten digit classes take the rest.
 MIN_AP50 = 0.5
 LOSSES = ('loss', 'loss_rpn_cls', 'loss_rpn_loc', 'loss_cls', 'loss_box_reg', 'loss_mask')
