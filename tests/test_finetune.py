@@ -176,12 +176,16 @@ import time
 
 from tests import subprocess_runs as runs
 
-LEARN_STEPS = 60
+LEARN_STEPS = 500  # the config's lr drops x0.1 at step 400
 FIRST, LAST = 5, 10  # the loss means compared: the first FIRST and the last LAST steps
 RESUME_STEPS = 8
-# Box AP50 on the held-out scenes after LEARN_STEPS steps from a random init
-# must reach this (a random init scores 0.0).
-MIN_AP50 = 0.05  # measured: 0.128 (2 devices, a loaded 2-core CPU)
+# The requirement: a short fine-tune on scenes of a few large, well-separated
+# digits reaches box AP50 >= 0.5 on held-out scenes of the same kind (a random
+# init scores 0.0). Measured in-process on 1 device: 0.672 after 500 steps
+# (0.41 after 400 and 0.93 after 800 steps with the drop at 4/5; this test
+# on 2 devices: 0.776 after 500, 0.81 after 600): localisation is learnt within ~100 steps
+# (class-agnostic AP50 0.89), the ten digit classes take the rest.
+MIN_AP50 = 0.5
 LOSSES = ('loss', 'loss_rpn_cls', 'loss_rpn_loc', 'loss_cls', 'loss_box_reg', 'loss_mask')
 
 
@@ -209,7 +213,7 @@ def learned(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp('learn') / 'run')
   t0 = time.monotonic()
   rc, out = _finetune(workdir, f'--config.optim.num_steps={LEARN_STEPS}',
-                      f'--config.checkpoint_every={LEARN_STEPS}', '--config.log_every=10')
+                      f'--config.checkpoint_every={LEARN_STEPS}', '--config.log_every=100')
   print(f'{LEARN_STEPS} steps + evaluation: {time.monotonic() - t0:.1f}s (compile included)')
   assert rc == 0, out[-3000:]
   return {'workdir': workdir, 'output': out, 'metrics': runs.metrics_by_step(workdir)}
@@ -233,7 +237,7 @@ def test_every_loss_falls(learned):
   The two box-regression losses are printed, not asserted: each is divided
   by all sampled anchors / RoIs, so it grows with the number of foreground
   ones, which rises while the RPN learns (from a random init it rises over
-  these steps: 0.027 -> 0.27 for the box head's).
+  the first steps).
   """
   m = learned['metrics']
   assert sorted(m) == list(range(1, LEARN_STEPS + 1))
