@@ -201,7 +201,7 @@ def _command(workdir, *extra):
 
 def _finetune(workdir, *extra, timeout=900):
   """Runs the command to its end: (exit status, console output)."""
-  p = subprocess.run(_command(workdir, *extra), cwd=runs.REPO, env=runs.env(2),
+  p = subprocess.run(_command(workdir, *extra), cwd=runs.REPO, env=runs.env(1),
                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                      timeout=timeout, check=False)
   return p.returncode, p.stdout
@@ -257,8 +257,34 @@ def test_detects_held_out_digits(learned):
   assert box['AP50'] >= MIN_AP50, box
 
 
+def test_export_writes_the_whole_fine_tuned_detector(learned, tmp_path):
+  """`python -m mcl_jax.export` on a fine-tune's workdir: every part of the Mask R-CNN, its weights."""
+  import pickle  # pylint: disable=import-outside-toplevel
+  from mcl_jax.detection import state as detection_state  # pylint: disable=import-outside-toplevel
+  out = str(tmp_path / 'mask_rcnn.pkl')
+  p = subprocess.run([sys.executable, '-m', 'mcl_jax.export', f'--workdir={learned["workdir"]}',
+                      '--format=detectron2', f'--out={out}'], cwd=runs.REPO, env=runs.env(1),
+                     capture_output=True, text=True, timeout=300, check=False)
+  assert p.returncode == 0, p.stderr[-2000:]
+  with open(out, 'rb') as f:
+    model = pickle.load(f)['model']
+  parts = ('backbone.bottom_up.stem.conv1.', 'backbone.fpn_lateral2.', 'backbone.fpn_output5.',
+           'proposal_generator.rpn_head.conv.', 'proposal_generator.rpn_head.objectness_logits.',
+           'proposal_generator.rpn_head.anchor_deltas.', 'roi_heads.box_head.conv4.norm.',
+           'roi_heads.box_head.fc1.', 'roi_heads.box_predictor.cls_score.',
+           'roi_heads.box_predictor.bbox_pred.', 'roi_heads.mask_head.mask_fcn4.',
+           'roi_heads.mask_head.deconv.', 'roi_heads.mask_head.predictor.')
+  for part in parts:
+    assert any(k.startswith(part) for k in model), part
+  # The trained weights, not an initialisation: torch Linear [out, in] of the checkpoint's kernel.
+  _, variables = detection_state.load_variables(learned['workdir'])
+  kernel = np.asarray(variables['params']['box_predictor']['cls_score']['kernel'])
+  np.testing.assert_array_equal(model['roi_heads.box_predictor.cls_score.weight'], kernel.T)
+  assert model['roi_heads.box_predictor.cls_score.weight'].shape[0] == 10 + 1
+
+
 def _start(workdir, extra):
-  return subprocess.Popen(_command(workdir, *extra), cwd=runs.REPO, env=runs.env(2),
+  return subprocess.Popen(_command(workdir, *extra), cwd=runs.REPO, env=runs.env(1),
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
