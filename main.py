@@ -80,10 +80,7 @@ def main(argv) -> int:
   cli.parse_absl_flags(argv, __doc__)
   cli.use_project_verbosity()
   f = flags.FLAGS
-  if not f.distributed and (f.coordinator_address or f.num_processes or
-                            f.process_id is not None or f.local_device_ids):
-    raise cli.UsageError('--coordinator_address / --num_processes / --process_id / '
-                         '--local_device_ids need --distributed')
+  cli.check_distributed_flags(f)
   workdir = f.workdir or os.path.join('runs', os.path.splitext(os.path.basename(
       config_flags.get_config_filename(f['config'])))[0])
   _check_paths(workdir, f.config)
@@ -92,11 +89,7 @@ def main(argv) -> int:
   with cli.native_stderr_to_log('tensorflow'):
     lazy_tf.tf()
   import jax  # pylint: disable=import-outside-toplevel
-  if f.distributed:
-    jax.distributed.initialize(
-        coordinator_address=f.coordinator_address, num_processes=f.num_processes,
-        process_id=f.process_id,
-        local_device_ids=[int(i) for i in f.local_device_ids] if f.local_device_ids else None)
+  cli.initialize_distributed(f)
   from absl import logging  # pylint: disable=import-outside-toplevel
   from mcl_jax.training import loop  # pylint: disable=import-outside-toplevel
   logging.info('config: %s', _config_description(argv))

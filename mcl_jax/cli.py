@@ -39,6 +39,7 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')
 # pylint: disable=unused-import,g-multiple-import
 from mcl_jax import console, errors
 from mcl_jax.cli_flags import (ArgumentParser, add_checkpoint_flags, check_path_flags,  # noqa: F401
+                               check_distributed_flags, initialize_distributed,
                                parse_absl_flags)
 from mcl_jax.console import (VERBOSE_ENV, close_log_file, log_file, log_to_file,  # noqa: F401
                              native_stderr_to_log, reset_logging, setup_logging,

@@ -133,3 +133,22 @@ def add_checkpoint_flags(parser: ArgumentParser):
                       help='checkpoint step (default: newest)')
   parser.add_argument('--which', choices=('online', 'target'), default='online',
                       help='online network or EMA target encoder')
+
+
+def check_distributed_flags(f) -> None:
+  """Refuses the rendezvous flags without --distributed (main.py's and finetune's absl flags)."""
+  if not f.distributed and (f.coordinator_address or f.num_processes or
+                            f.process_id is not None or f.local_device_ids):
+    raise UsageError('--coordinator_address / --num_processes / --process_id / '
+                     '--local_device_ids need --distributed')
+
+
+def initialize_distributed(f) -> None:
+  """`jax.distributed.initialize()` from the --distributed flags; nothing without them."""
+  if not f.distributed:
+    return
+  import jax  # pylint: disable=import-outside-toplevel
+  jax.distributed.initialize(
+      coordinator_address=f.coordinator_address, num_processes=f.num_processes,
+      process_id=f.process_id,
+      local_device_ids=[int(i) for i in f.local_device_ids] if f.local_device_ids else None)

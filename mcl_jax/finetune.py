@@ -102,10 +102,7 @@ def main(argv) -> int:
   cli.parse_absl_flags(argv, __doc__)
   cli.use_project_verbosity()
   f = flags.FLAGS
-  if not f.distributed and (f.coordinator_address or f.num_processes or
-                            f.process_id is not None or f.local_device_ids):
-    raise cli.UsageError('--coordinator_address / --num_processes / --process_id / '
-                         '--local_device_ids need --distributed')
+  cli.check_distributed_flags(f)
   config = f.config
   if f.pretrained is not None:
     with config.unlocked():
@@ -115,11 +112,7 @@ def main(argv) -> int:
   if not f.preflight:
     _check_paths(workdir, config)
   import jax  # pylint: disable=import-outside-toplevel
-  if f.distributed:
-    jax.distributed.initialize(
-        coordinator_address=f.coordinator_address, num_processes=f.num_processes,
-        process_id=f.process_id,
-        local_device_ids=[int(i) for i in f.local_device_ids] if f.local_device_ids else None)
+  cli.initialize_distributed(f)
   from absl import logging  # pylint: disable=import-outside-toplevel
   from mcl_jax.detection import train  # pylint: disable=import-outside-toplevel
   logging.info('config: %s', _config_description(argv))
