@@ -152,9 +152,13 @@ def _value(scores: dict, kind: str, metric: str) -> float:
   return 100.0 * scores[kind][metric]
 
 
-def _wall_min(run: Run) -> str:
-  path = run.workdir + '.wall.json'
-  return f'{json.load(open(path))["seconds"] / 60:.1f}' if os.path.exists(path) else '-'
+def _wall(path: str) -> str:
+  """'minutes (load average at the end)' from a .wall.json, or '-'."""
+  if not os.path.exists(path):
+    return '-'
+  w = json.load(open(path))
+  load = w.get('load_avg_at_end')
+  return f'{w["seconds"] / 60:.1f}' + (f' ({load:.1f})' if load is not None else '')
 
 
 def _head(first: str) -> list[str]:
@@ -170,16 +174,15 @@ def tables(root: str, pretrain_root: str, seeds, extra_ft_seeds=()) -> str:
   done = {r.name: (r, r.scores(steps)) for r in runs(root, pretrain_root, seeds, extra_ft_seeds)}
   done = {k: v for k, v in done.items() if v[1] is not None}
   final = lambda name: done[name][1][steps]
-  out = ['**Every run** (COCO AP x 100 on the held-out scenes at the last step; wall time '
-         'of the fine-tune)\n', *_head('run')[:1]]
-  out[-1] = out[-1][:-1] + '| pretrain min | fine-tune min |'
+  out = ['**Every run** (COCO AP x 100 on the held-out scenes at the last step; wall '
+         'minutes of the pretraining and the fine-tune, with the load average at their end)\n',
+         *_head('run')[:1]]
+  out[-1] = out[-1][:-1] + '| pretrain min (load) | fine-tune min (load) |'
   out.append('|---' * (len(COLUMNS) + 3) + '|')
   for name, (run, _) in done.items():
     cells = [f'{_value(final(name), k, m):.1f}' for k, m in COLUMNS]
-    pre = (run.pretrained + '.wall.json') if run.arm != 'random' else None
-    pre_min = (f'{json.load(open(pre))["seconds"] / 60:.1f}' if pre and os.path.exists(pre)
-               else '-')
-    out.append(f'| {name} | ' + ' | '.join(cells) + f' | {pre_min} | {_wall_min(run)} |')
+    pre = _wall(run.pretrained + '.wall.json') if run.arm != 'random' else '-'
+    out.append(f'| {name} | ' + ' | '.join(cells) + f' | {pre} | {_wall(run.workdir + ".wall.json")} |')
 
   per_arm = {arm: [final(f'{arm}_s{s}') for s in seeds if f'{arm}_s{s}' in done]
              for arm in ARMS}
@@ -216,15 +219,25 @@ def tables(root: str, pretrain_root: str, seeds, extra_ft_seeds=()) -> str:
                + ' |')
 
   evaluated = sorted({s for _, sc in done.values() for s in sc})
-  out += ['\n**Curves**: box AP (and AP_S) at each evaluated step, mean over the arm\'s '
-          'seeds\n', '| arm | ' + ' | '.join(f'step {s}' for s in evaluated) + ' |',
+  cell = lambda sc, s: f'{_value(sc[s], "bbox", "AP"):.1f} ({_value(sc[s], "bbox", "APs"):.1f})'
+  out += ['\n**Curves**: box AP (AP_S) at each evaluated step; per run, then the mean of '
+          "each arm's seeds where all of them were evaluated\n",
+          '| run | ' + ' | '.join(f'step {s}' for s in evaluated) + ' |',
           '|---' * (len(evaluated) + 1) + '|']
+  for name, (_, sc) in done.items():
+    out.append(f'| {name} | ' + ' | '.join(cell(sc, s) if s in sc else '-' for s in evaluated)
+               + ' |')
   for arm in ARMS:
     names = [f'{arm}_s{s}' for s in seeds if f'{arm}_s{s}' in done]
-    if names:
-      cell = lambda s, m: np.mean([_value(done[n][1][s], 'bbox', m) for n in names])
-      out.append(f'| {arm} | ' + ' | '.join(f'{cell(s, "AP"):.1f} ({cell(s, "APs"):.1f})'
-                                            for s in evaluated) + ' |')
+    if len(names) > 1:
+      cells = []
+      for s in evaluated:
+        if all(s in done[n][1] for n in names):
+          mean = lambda m: np.mean([_value(done[n][1][s], 'bbox', m) for n in names])
+          cells.append(f'{mean("AP"):.1f} ({mean("APs"):.1f})')
+        else:
+          cells.append('-')
+      out.append(f'| {arm}, mean of {len(names)} | ' + ' | '.join(cells) + ' |')
   return '\n'.join(out)
 
 
