@@ -57,6 +57,8 @@ def pytest_unconfigure(config):
   root = getattr(config, 'mcl_runs_root', None)
   if root:
     shutil.rmtree(root, ignore_errors=True)
+  # Every process (controller and workers) made its own; the servers are closed by now.
+  shutil.rmtree(_GCS_DIR, ignore_errors=True)
 
 
 # The files that take longest on 2 cores (minutes each, measured with
