@@ -68,7 +68,7 @@ def _wait_for_step(procs, step: int, deadline: float) -> int:
     if seen and max(seen) >= step:
       return max(seen)
     if any(p.proc.poll() is not None for p in procs):
-      _wait_all(procs, min(deadline, time.monotonic() + EXIT_GRACE_S))
+      _wait_all(procs, deadline)
       _fail(procs, f'exited before step {step} was logged')
     time.sleep(0.05)
   _fail(procs, f'step {step} not logged within {PAIR_TIMEOUT_S}s')
@@ -84,10 +84,10 @@ def _wait_all(procs, deadline: float) -> list[int]:
     now = time.monotonic()
     if first_exit is None and any(rc is not None for rc in rcs):
       first_exit = now
-    if now > deadline:
-      _fail(procs, f'still running after {PAIR_TIMEOUT_S}s (a hang)')
     if first_exit is not None and now > first_exit + EXIT_GRACE_S:
       _fail(procs, f'one process exited, the other still ran {EXIT_GRACE_S}s later')
+    if now > deadline:
+      _fail(procs, f'still running after {PAIR_TIMEOUT_S}s (a hang)')
     time.sleep(0.05)
 
 
