@@ -24,9 +24,11 @@ commands use them.
 """
 
 import argparse
+import faulthandler
 import importlib
 import logging
 import os
+import signal
 import sys
 import traceback
 from typing import Callable, NoReturn, Sequence
@@ -86,8 +88,13 @@ def run(main: Callable[[list[str]], int | None], prog: str,
 
   Sets up the console (`console.setup_logging`); an exception becomes one
   `error:` line and exit status 2 or 1, a KeyboardInterrupt status 130.
+  SIGUSR1 prints every thread's Python stack on stderr (the process goes on).
   """
   argv = list(sys.argv if argv is None else argv)
+  if hasattr(signal, 'SIGUSR1') and sys.__stderr__ is not None:
+    # `kill -USR1 PID` prints every thread's Python stack on stderr: where a
+    # hung run waits (e.g. in a collective that another process never joined).
+    faulthandler.register(signal.SIGUSR1, file=sys.__stderr__, all_threads=True)
   verbose = verbose_requested(argv[1:])
   setup_logging(verbose)
   try:

@@ -18,6 +18,7 @@ import os
 import random
 import re
 import signal
+import time
 
 import pytest
 
@@ -28,16 +29,66 @@ from tests import subprocess_runs as runs
 # one final rounding of each value (runs.same_up_to_rounding).
 
 
+# The 2-process run, start to exit (runs.TIMEOUT_S, as for every main.py run
+# of the suite). A process waiting in a collective that its peer never joins
+# would otherwise wait for XLA's own collective timeout (30 min), and pytest
+# with it; past this the test fails with both processes' stacks and output.
+PAIR_TIMEOUT_S = runs.TIMEOUT_S
+# Once one process has exited, how long the other may take to follow it.
+EXIT_GRACE_S = 120
+
+
 def _start_pair(workdir, port, name):
   return [runs.Run(workdir, '--distributed', f'--coordinator_address=127.0.0.1:{port}',
                    '--num_processes=2', f'--process_id={i}', devices=1, name=f'{name}{i}')
           for i in (0, 1)]
 
 
-def _wait_all(procs):
-  rcs = [p.wait() for p in procs]
-  assert rcs == [0, 0], '\n\n'.join(f'process {i} rc {rc}:\n{p.tail()}'
-                                   for i, (p, rc) in enumerate(zip(procs, rcs)))
+def _fail(procs, what: str):
+  """Stacks of the processes still running, then kills them; fails with every output."""
+  running = [p for p in procs if p.proc.poll() is None]
+  for p in running:  # mcl_jax.cli.run: SIGUSR1 writes every thread's Python stack
+    p.signal(signal.SIGUSR1)
+  time.sleep(3 if running else 0)
+  for p in running:
+    p.proc.kill()
+    p.proc.wait()
+  report = '\n\n'.join(
+      f'--- process {i}: ' + ('killed (still running; its stacks above the kill)'
+                              if p in running else f'exit status {p.proc.returncode}') +
+      f', {time.monotonic() - p.started:.0f}s, last lines:\n{p.tail(120)}'
+      for i, p in enumerate(procs))
+  raise AssertionError(f'2-process run: {what}\n{report}')
+
+
+def _wait_for_step(procs, step: int, deadline: float) -> int:
+  """Waits until process 0 has logged `step`; fails if a process exits first."""
+  while time.monotonic() < deadline:
+    seen = procs[0].printed_steps()
+    if seen and max(seen) >= step:
+      return max(seen)
+    if any(p.proc.poll() is not None for p in procs):
+      _wait_all(procs, deadline)
+      _fail(procs, f'exited before step {step} was logged')
+    time.sleep(0.05)
+  _fail(procs, f'step {step} not logged within {PAIR_TIMEOUT_S}s')
+
+
+def _wait_all(procs, deadline: float) -> list[int]:
+  """Both exit statuses; fails at `deadline`, or EXIT_GRACE_S after one exited."""
+  first_exit = None
+  while True:
+    rcs = [p.proc.poll() for p in procs]
+    if None not in rcs:
+      return [p.wait() for p in procs]
+    now = time.monotonic()
+    if first_exit is None and any(rc is not None for rc in rcs):
+      first_exit = now
+    if first_exit is not None and now > first_exit + EXIT_GRACE_S:
+      _fail(procs, f'one process exited, the other still ran {EXIT_GRACE_S}s later')
+    if now > deadline:
+      _fail(procs, f'still running after {PAIR_TIMEOUT_S}s (a hang)')
+    time.sleep(0.05)
 
 
 @pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning')
@@ -50,9 +101,18 @@ def test_two_processes_equal_one_process_on_two_devices(tmp_path):
 
   # Both processes start; process 1 alone is sent SIGTERM once step j is logged.
   procs = _start_pair(workdir, runs.free_port(), 'dist')
-  seen = procs[0].wait_for_step(j)
-  procs[1].signal(signal.SIGTERM)
-  _wait_all(procs)
+  deadline = procs[0].started + PAIR_TIMEOUT_S
+  try:
+    seen = _wait_for_step(procs, j, deadline)
+    procs[1].signal(signal.SIGTERM)
+    rcs = _wait_all(procs, deadline)
+  finally:  # a failure above (or an interrupt) leaves no process behind
+    for p in procs:
+      if p.proc.poll() is None:
+        p.proc.kill()
+        p.proc.wait()
+  if rcs != [0, 0]:
+    _fail(procs, f'exit statuses {rcs}, expected [0, 0]')
   stops = [re.findall(r'^Stopped after step (\d+)', p.output(), re.M) for p in procs]
   print(f'\n2 processes: SIGTERM to process 1 once step {j} was logged (seen {seen}); '
         f'stopped after steps {stops}; first run {procs[0].seconds:.1f}s')
