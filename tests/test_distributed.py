@@ -39,8 +39,11 @@ EXIT_GRACE_S = 120
 
 
 def _start_pair(workdir, port, name):
+  # montage_png: process 0 draws the first montage group from its own half of
+  # the batch (slicing the global batch alone would hang); it changes no step.
   return [runs.Run(workdir, '--distributed', f'--coordinator_address=127.0.0.1:{port}',
-                   '--num_processes=2', f'--process_id={i}', devices=1, name=f'{name}{i}')
+                   '--num_processes=2', f'--process_id={i}', '--config.montage_png=True',
+                   devices=1, name=f'{name}{i}')
           for i in (0, 1)]
 
 
@@ -119,6 +122,7 @@ def test_two_processes_equal_one_process_on_two_devices(tmp_path):
   assert stops[0] == stops[1] and len(stops[0]) == 1, stops
   s = int(stops[0][0])
   assert max(runs.checkpoint_steps(workdir)) == s < runs.NUM_STEPS
+  assert os.path.getsize(os.path.join(workdir, 'montage.png')) > 0
 
   # Process 0 alone writes metrics.jsonl: one line per step (not two).
   assert runs.logged_steps(workdir) == list(range(1, s + 1))

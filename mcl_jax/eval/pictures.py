@@ -82,7 +82,7 @@ def montage_canvases(config, crops_u8, key, max_canvases: int = 4):
   Returns {view: [level][canvas] float images in [0, 1]}.
   """
   layout = montage.layout_for(config)
-  group = np.asarray(jax.device_get(crops_u8[:layout.group_size]))
+  group = _first_local_rows(crops_u8, layout.group_size)
   crops = augment.augment_crops(group, key, config.augment, config.data.num_crops)
   out = {}
   for view in (0, 1):
@@ -95,6 +95,21 @@ def montage_canvases(config, crops_u8, key, max_canvases: int = 4):
       start += block.count
     out['qk'[view]] = levels
   return out
+
+
+def _first_local_rows(x, n: int) -> np.ndarray:
+  """The first `n` rows of `x` that this process holds, as NumPy.
+
+  In a multi-process run the batch is a global array that no one process
+  holds whole: slicing it would launch a program on every process's devices
+  from process 0 alone (a hang). Process 0's own rows are as good a picture.
+  """
+  if not isinstance(x, jax.Array) or x.is_fully_addressable:
+    return np.asarray(jax.device_get(x[:n]))
+  rows = {}
+  for shard in x.addressable_shards:  # one entry per row block (replicas repeat it)
+    rows.setdefault(shard.index[0].start or 0, shard.data)
+  return np.concatenate([np.asarray(rows[k]) for k in sorted(rows)])[:n]
 
 
 def montage_image(config, crops_u8, key) -> np.ndarray:
