@@ -1,6 +1,6 @@
 r"""The fine-tune of the pretraining comparison (docs/DETECTION.md, "The paper's comparison").
 
-    python scripts/detection_experiment.py          # every arm; rerun to resume
+    python -m scripts.detection_experiment          # every arm; rerun to resume
 
 One recipe for every arm (random init, level-0 MCL, 4-level MCL, supervised
 MCL; scripts/detection_experiment.py), fixed before any arm was compared.

@@ -1,9 +1,11 @@
 """The paper's comparison at CPU scale: detection AP after fine-tuning, per pretraining.
 
-    python scripts/detection_experiment.py --phase pretrain   # the pretrainings (as DENSE.md's)
-    python scripts/detection_experiment.py --phase finetune   # every fine-tune, --jobs at a time
-    python scripts/detection_experiment.py --phase table      # tables, curves, Welch p-values
-    python scripts/detection_experiment.py                    # all three
+Run from the repository root, as a module (it imports configs/ and scripts/):
+
+    python -m scripts.detection_experiment --phase pretrain   # the pretrainings (as DENSE.md's)
+    python -m scripts.detection_experiment --phase finetune   # every fine-tune, --jobs at a time
+    python -m scripts.detection_experiment --phase table      # tables, curves, Welch p-values
+    python -m scripts.detection_experiment                    # all three
 
 Every phase resumes: a finished run is skipped, an interrupted one continues
 from its newest checkpoint. `--phase finetune --wait` may run beside
@@ -32,9 +34,9 @@ import subprocess
 import sys
 import time
 
+from scripts import dense_experiment
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-from scripts import dense_experiment  # pylint: disable=wrong-import-position
 
 CONFIG = 'configs/detect_experiment.py'
 ARMS = ('random', 'level0', 'mcl', 'supervised')
