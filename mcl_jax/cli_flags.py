@@ -152,3 +152,32 @@ def initialize_distributed(f) -> None:
       coordinator_address=f.coordinator_address, num_processes=f.num_processes,
       process_id=f.process_id,
       local_device_ids=[int(i) for i in f.local_device_ids] if f.local_device_ids else None)
+  if jax.process_count() > 1 and jax.default_backend() == 'cpu':
+    _no_cached_cpu_collectives(jax)
+
+
+# jaxlib 0.12.1 (0.12.0.1 and earlier are fine): a CPU program with several
+# cross-process (Gloo) collectives hangs in its first all-gather when it is
+# loaded from the persistent compilation cache; compiled afresh it runs. No
+# release has fixed it yet, so every later one is treated the same (a fixed one
+# only compiles a multi-process CPU run afresh: slower, never wrong).
+_CPU_CACHE_HANG_FROM = (0, 12, 1)
+
+
+def _no_cached_cpu_collectives(jax) -> None:
+  """Turns the persistent compilation cache off for a multi-process CPU run where it hangs."""
+  from absl import logging  # pylint: disable=import-outside-toplevel
+  import jaxlib  # pylint: disable=import-outside-toplevel
+  if not (jax.config.jax_enable_compilation_cache and jax.config.jax_compilation_cache_dir):
+    return
+  if cpu_cache_hangs(jaxlib.__version__):
+    jax.config.update('jax_enable_compilation_cache', False)
+    logging.warning('Persistent compilation cache off for this run: multi-process CPU '
+                    'programs loaded from it hang on jaxlib %s (they compile afresh).',
+                    jaxlib.__version__)
+
+
+def cpu_cache_hangs(jaxlib_version: str) -> bool:
+  """Whether multi-process CPU programs hang when loaded from the compilation cache."""
+  release = tuple(int(p) for p in re.findall(r'\d+', jaxlib_version)[:3])
+  return release >= _CPU_CACHE_HANG_FROM

@@ -1,10 +1,10 @@
 """The dense-transfer experiment of docs/DENSE.md: pretrain, probe, tabulate.
 
-    python scripts/dense_experiment.py --phase pretrain   # the runs, one after another
-    python scripts/dense_experiment.py --phase learning   # did every level learn? curves
-    python scripts/dense_experiment.py --phase probe      # dense probe of each model
-    python scripts/dense_experiment.py --phase table      # mean +- std, Welch p-values
-    python scripts/dense_experiment.py                    # all four
+    python -m scripts.dense_experiment --phase pretrain   # the runs, one after another
+    python -m scripts.dense_experiment --phase learning   # did every level learn? curves
+    python -m scripts.dense_experiment --phase probe      # dense probe of each model
+    python -m scripts.dense_experiment --phase table      # mean +- std, Welch p-values
+    python -m scripts.dense_experiment                    # all four
 
 Models (each with seeds --seeds, default 0 1 2; --models picks some):
   mcl         configs/demo.py           MCL, all four montage levels

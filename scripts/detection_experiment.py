@@ -248,7 +248,7 @@ def main(argv=None):
   p.add_argument('--phase', choices=('all', 'pretrain', 'finetune', 'table'), default='all')
   p.add_argument('--root', default=os.path.join(REPO, 'runs', 'detection_experiment'))
   p.add_argument('--pretrain_root', default=os.path.join(REPO, 'runs', 'dense64'),
-                 help="the pretraining workdirs (scripts/dense_experiment.py's default root)")
+                 help="the pretraining workdirs (scripts.dense_experiment's default root)")
   p.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2])
   p.add_argument('--extra_ft_seeds', type=int, nargs='*', default=[1],
                  help='more fine-tune seeds of the mcl seed-0 pretraining')
