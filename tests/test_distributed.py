@@ -40,7 +40,8 @@ EXIT_GRACE_S = 120
 
 def _start_pair(workdir, port, name):
   # montage_png: process 0 draws the first montage group from its own half of
-  # the batch (slicing the global batch alone would hang); it changes no step.
+  # the batch (slicing the global batch from one process made the first step's
+  # collectives fail); it changes no step.
   return [runs.Run(workdir, '--distributed', f'--coordinator_address=127.0.0.1:{port}',
                    '--num_processes=2', f'--process_id={i}', '--config.montage_png=True',
                    devices=1, name=f'{name}{i}')

@@ -101,8 +101,10 @@ def _first_local_rows(x, n: int) -> np.ndarray:
   """The first `n` rows of `x` that this process holds, as NumPy.
 
   In a multi-process run the batch is a global array that no one process
-  holds whole: slicing it would launch a program on every process's devices
-  from process 0 alone (a hang). Process 0's own rows are as good a picture.
+  holds whole: slicing it from process 0 alone runs an all-gather that the
+  other processes never join, and their next collective (the train step's)
+  then receives its data and fails. Process 0's own rows are as good a
+  picture.
   """
   if not isinstance(x, jax.Array) or x.is_fully_addressable:
     return np.asarray(jax.device_get(x[:n]))
