@@ -286,21 +286,28 @@ def test_pretrained_workdir_loads_backbone_fpn_and_box_head(detector, pretrainin
   assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.all(a == b)), none, variables))
 
 
-def test_pretrained_files_and_errors(detector, pretraining_workdir, tmp_path):
-  from mcl_jax.training import checkpointing  # pylint: disable=g-import-not-at-top
-  model, variables = detector
-  workdir, pre = pretraining_workdir
+def _assert_file_loads_as_workdir(spec, variables, workdir, parts, prefixes):
+  """`load_pretrained(spec)` loads `parts`, whose arrays equal the workdir's own load."""
   from_workdir, _ = pretrained.load_pretrained(workdir, tiny_config(), variables)
   want = det_export.to_detectron2_maskrcnn(from_workdir)
-  # detectron2 .pkl (the pretraining exporter's short names) and torchvision .pth.
-  pkl = str(tmp_path / 'pre.pkl')
-  export_lib.save_detectron2(export_lib.to_detectron2(pre), pkl)
-  got, report = pretrained.load_pretrained(f'detectron2:{pkl}', tiny_config(), variables)
-  assert set(report['arrays']) == {'backbone', 'fpn', 'box_head'}
+  got, report = pretrained.load_pretrained(spec, tiny_config(), variables)
+  assert set(report['arrays']) == parts
   got = det_export.to_detectron2_maskrcnn(got)
   for name in want:
-    if name.startswith(('backbone.', 'roi_heads.box_head.conv')):
+    if name.startswith(prefixes):
       np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+
+
+def test_pretrained_files_and_errors(detector, pretraining_workdir, tmp_path):
+  from mcl_jax.training import checkpointing  # pylint: disable=g-import-not-at-top
+  _, variables = detector
+  workdir, pre = pretraining_workdir
+  # detectron2 .pkl (the pretraining exporter's short names).
+  pkl = str(tmp_path / 'pre.pkl')
+  export_lib.save_detectron2(export_lib.to_detectron2(pre), pkl)
+  _assert_file_loads_as_workdir(f'detectron2:{pkl}', variables, workdir,
+                                {'backbone', 'fpn', 'box_head'},
+                                ('backbone.', 'roi_heads.box_head.conv'))
 
   with pytest.raises(pretrained.PretrainedMismatchError) as e:
     pretrained.load_pretrained(workdir, tiny_config(width=16), variables)
@@ -320,16 +327,10 @@ def test_pretrained_torchvision_file(detector, pretraining_workdir, tmp_path):
   pytest.importorskip('torch')  # writing a .pth needs PyTorch (installed on Python 3.11 only)
   _, variables = detector
   workdir, pre = pretraining_workdir
-  from_workdir, _ = pretrained.load_pretrained(workdir, tiny_config(), variables)
-  want = det_export.to_detectron2_maskrcnn(from_workdir)
   pth = str(tmp_path / 'pre.pth')
   export_lib.save_torchvision(export_lib.to_torchvision(pre), pth)
-  got, report = pretrained.load_pretrained(f'torchvision:{pth}', tiny_config(), variables)
-  assert set(report['arrays']) == {'backbone'}
-  got = det_export.to_detectron2_maskrcnn(got)
-  for name in want:
-    if name.startswith('backbone.bottom_up.'):
-      np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+  _assert_file_loads_as_workdir(f'torchvision:{pth}', variables, workdir, {'backbone'},
+                                ('backbone.bottom_up.',))
 
 
 # --------------------------------------------------------------------- export --
